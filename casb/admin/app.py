@@ -1,0 +1,90 @@
+"""The admin API. Health endpoints are open (probes); everything else needs a bearer
+token whose principal holds one of `admin.roles`.
+
+    GET  /healthz             liveness: the process serves HTTP
+    GET  /readyz              readiness: signing keys loaded, policy compiled
+    POST /v1/policy/simulate  what the proxy would decide (same JSON as `casb policy explain`)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from casb import __version__
+from casb.context import Principal
+from casb.explain import explain
+from casb.identity import AuthenticationError, IdentityUnavailable, extract_token
+from casb.runtime import Runtime
+
+
+class SimulateRequest(BaseModel):
+    method: str = "GET"
+    url: str = Field(
+        description="Proxy URL path as a client would send it, e.g. "
+        "/pacs/studies?ModalitiesInStudy=CT"
+    )
+    principal: dict[str, Any] | None = Field(
+        None, description="{sub, roles, mfa, claims}; omit to use the caller's own token"
+    )
+    time: str | None = Field(None, description="ISO 8601 time to evaluate at; default now")
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="casb admin", version=__version__)
+    pipeline = runtime.pipeline
+    admin_roles = frozenset(runtime.settings.admin.roles)
+
+    async def admin_principal(
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Principal:
+        headers = [("Authorization", authorization)] if authorization is not None else []
+        try:
+            token, _ = extract_token(headers, (), allow_query=False, max_bytes=16384)
+            principal = await pipeline.verifier.verify(token)
+        except AuthenticationError as exc:
+            raise HTTPException(
+                401,
+                exc.description or "a bearer token is required",
+                headers={"WWW-Authenticate": exc.www_authenticate()},
+            ) from None
+        except IdentityUnavailable:
+            raise HTTPException(503, "signing keys are unavailable") from None
+        if principal.roles.isdisjoint(admin_roles):
+            raise HTTPException(403, f"the admin API needs one of the roles {sorted(admin_roles)}")
+        return principal
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = {"signing_keys": pipeline.verifier.ready, "policy": True}
+        body = {
+            "status": "ready" if all(checks.values()) else "not_ready",
+            "checks": checks,
+            "policy_version": pipeline.policy.version,
+            "rules": pipeline.policy.rule_count,
+        }
+        return JSONResponse(body, status_code=200 if all(checks.values()) else 503)
+
+    @app.post("/v1/policy/simulate")
+    async def simulate(
+        req: SimulateRequest, caller: Annotated[Principal, Depends(admin_principal)]
+    ) -> Any:
+        try:
+            return await explain(
+                pipeline,
+                method=req.method,
+                url=req.url,
+                principal=req.principal or caller,
+                at=req.time,
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    return app

@@ -1,0 +1,341 @@
+"""Settings: one pydantic-settings class, read from a YAML file with CASB_* env overrides.
+
+`load_settings(path)` is the only entry point. Precedence, highest first:
+``CASB_*`` environment variables (nested with ``__``, e.g. ``CASB_AUDIT__PATH``), then
+the YAML file, then the defaults below. Relative paths in the file are resolved against
+the file's directory. Without a file, the embedded dev defaults (``casb/defaults/dev.yaml``)
+are used: they are what ``make run`` starts with.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_NAME = "casb.yaml"
+ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator: names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(_Model):
+    """One proxy listener. `reverse`: clients use the proxy as their DICOMweb base URL
+    (``http://proxy:8080/<route>/``). `forward`: clients use it as an HTTP(S) proxy and
+    trust its CA."""
+
+    mode: Literal["reverse", "forward"] = "reverse"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class UpstreamAuth(_Model):
+    """What credential the proxy presents upstream.
+
+    strip (default): the client's token is removed and nothing is sent.
+    passthrough: the client's Authorization header is forwarded unchanged.
+    basic / bearer: the client's token is replaced by this credential; secrets come from
+    a file or an environment variable, never from the YAML itself.
+    """
+
+    type: Literal["strip", "passthrough", "basic", "bearer"] = "strip"
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    token_file: Path | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _check_secret_source(self) -> UpstreamAuth:
+        if self.type == "basic":
+            if not self.username:
+                raise ValueError("basic upstream auth needs 'username'")
+            if (self.password_file is None) == (self.password_env is None):
+                raise ValueError(
+                    "basic upstream auth needs exactly one of 'password_file' or 'password_env'"
+                )
+        if self.type == "bearer" and (self.token_file is None) == (self.token_env is None):
+            raise ValueError(
+                "bearer upstream auth needs exactly one of 'token_file' or 'token_env'"
+            )
+        return self
+
+
+class Destination(_Model):
+    """A named upstream the proxy may forward to. Nothing else is reachable through it."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    upstream: str  # base URL, e.g. https://pacs.example.org/dicom-web
+    route: str | None = None  # reverse-mode path prefix on the proxy; default "/<name>"
+    upstream_auth: UpstreamAuth = UpstreamAuth()
+    description: str = ""
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v.rstrip("/")
+
+    @field_validator("route")
+    @classmethod
+    def _check_route(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = "/" + v.strip("/")
+        if v == "/" or "//" in v or any(seg in (".", "..") for seg in v.split("/")):
+            raise ValueError("must be a non-root path prefix such as /pacs")
+        return v
+
+
+class MfaSettings(_Model):
+    """A principal has MFA when its token's `amr` holds any of `amr_values`, or its
+    `acr` is one of `acr_values`."""
+
+    amr_values: list[str] = ["mfa", "otp", "hwk", "swk", "sc", "fpt", "face", "pin"]
+    acr_values: list[str] = []
+
+
+class IdentitySettings(_Model):
+    issuer: str
+    audience: list[str] = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    algorithms: list[str] = ["RS256", "PS256", "ES256", "EdDSA"]
+    leeway_seconds: int = Field(30, ge=0, le=600)
+    required_claims: list[str] = ["exp", "iat", "sub"]
+    roles_claim: str = "roles"  # dotted path: "realm_access.roles" for Keycloak, "groups"
+    mfa: MfaSettings = MfaSettings()
+    jwks_refresh_seconds: float = Field(300, gt=0)
+    jwks_min_refetch_seconds: float = Field(10, ge=0)  # rate limit for unknown-kid refetch
+    jwks_timeout_seconds: float = Field(5, gt=0)
+    allow_query_token: bool = False  # `access_token` query parameter (OHIF frames)
+    max_token_bytes: int = Field(8192, ge=256)
+    token_cache_size: int = Field(10000, ge=0)
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"only asymmetric algorithms are allowed "
+                f"({', '.join(ASYMMETRIC_ALGORITHMS)}); refused: {', '.join(bad)}"
+            )
+        if not v:
+            raise ValueError("at least one algorithm is needed")
+        return v
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> IdentitySettings:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("set exactly one of 'jwks_url' or 'jwks_file'")
+        return self
+
+
+class PolicySettings(_Model):
+    paths: list[Path] = [Path("policies/hospital.yaml")]
+
+
+class AuditSettings(_Model):
+    path: Path = Path(".casb/audit.jsonl")
+
+
+class AdminSettings(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    roles: list[str] = ["admin"]  # token roles allowed to use the admin API (not /healthz)
+
+
+class StateSettings(_Model):
+    url: str = "memory://"
+
+
+class LimitSettings(_Model):
+    max_url_bytes: int = Field(8192, ge=256)
+    # Largest request body the proxy holds in memory (mitmproxy's body_size_limit).
+    max_body_bytes: int = Field(2 * 1024**3, ge=1024)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CASB_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    environment: Literal["dev", "production"] = "production"
+    state_dir: Path = Path(".casb")
+    listeners: list[Listener] = [Listener()]
+    admin: AdminSettings = AdminSettings()
+    destinations: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")], Destination
+    ] = Field(min_length=1)
+    identity: IdentitySettings | None = None  # dev: generated keys under state_dir
+    policy: PolicySettings = PolicySettings()
+    audit: AuditSettings = AuditSettings()
+    state: StateSettings = StateSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed in as init kwargs).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.environment == "production" and self.identity is None:
+            raise ValueError(
+                "identity: required when environment is production "
+                "(dev keys are generated only in dev)"
+            )
+        routes: dict[str, str] = {}
+        for name, dest in self.destinations.items():
+            route = dest.route or f"/{name}"
+            for other, other_route in routes.items():
+                if _prefix_overlap(route, other_route):
+                    raise ValueError(
+                        f"destinations.{name}.route {route!r} overlaps "
+                        f"destinations.{other}.route {other_route!r}"
+                    )
+            routes[name] = route
+        ports = [(lst.host, lst.port) for lst in self.listeners if lst.port]
+        if len(ports) != len(set(ports)):
+            raise ValueError("listeners: two listeners share a host and port")
+        return self
+
+    def route_of(self, name: str) -> str:
+        return self.destinations[name].route or f"/{name}"
+
+
+def _prefix_overlap(a: str, b: str) -> bool:
+    a_segs, b_segs = a.strip("/").split("/"), b.strip("/").split("/")
+    n = min(len(a_segs), len(b_segs))
+    return a_segs[:n] == b_segs[:n]
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative paths in the file relative to the file, not to the cwd."""
+
+    def fix(section: dict[str, Any] | None, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            p = Path(section[key])
+            section[key] = str(p if p.is_absolute() else base / p)
+
+    fix(data, "state_dir")
+    fix(data.get("identity"), "jwks_file")
+    fix(data.get("audit"), "path")
+    pol = data.get("policy")
+    if isinstance(pol, dict) and isinstance(pol.get("paths"), list):
+        pol["paths"] = [
+            str(p if Path(p).is_absolute() else base / p) if isinstance(p, str) else p
+            for p in pol["paths"]
+        ]
+    for dest in (data.get("destinations") or {}).values():
+        if isinstance(dest, dict):
+            for key in ("password_file", "token_file"):
+                fix(dest.get("upstream_auth"), key)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def describe_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def default_config_path() -> Path | None:
+    """The config file to use when none is named: $CASB_CONFIG, else ./casb.yaml."""
+    env = os.environ.get("CASB_CONFIG")
+    if env:
+        return Path(env)
+    local = Path(DEFAULT_CONFIG_NAME)
+    return local if local.exists() else None
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load settings from `path`, $CASB_CONFIG, ./casb.yaml, or the embedded dev defaults."""
+    if path is None:
+        path = default_config_path()
+    if path is None:
+        source = "embedded dev defaults (casb/defaults/dev.yaml)"
+        text = resources.files("casb").joinpath("defaults/dev.yaml").read_text("utf-8")
+        data = yaml.safe_load(text)
+        _resolve_paths(data, Path.cwd())
+    else:
+        path = Path(path)
+        source = str(path)
+        data = _read_yaml(path)
+        _resolve_paths(data, path.resolve().parent)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(source, exc)) from exc

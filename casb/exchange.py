@@ -1,0 +1,71 @@
+"""What the edge hands the pipeline (IncomingRequest) and what it gets back (Transaction
+with an outcome: Forward or Refusal). No mitmproxy types: tests drive the pipeline with
+these directly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from time import monotonic
+from typing import Literal
+
+from casb.context import Action, Principal, Resource
+from casb.policy.decision import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingRequest:
+    method: str
+    target: str  # origin-form request target as received, e.g. "/pacs/studies?x=1"
+    headers: Sequence[tuple[str, str]]
+    mode: Literal["reverse", "forward"] = "reverse"
+    scheme: str = "http"  # forward mode: where the client aimed
+    host: str = ""
+    port: int = 0
+    client_ip: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request upstream, rewritten to exactly what was classified."""
+
+    scheme: str
+    host: str
+    port: int
+    target: str  # canonical path + query
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Answer the client ourselves; nothing reaches the upstream."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One request's journey, from decision to the audit record written at completion."""
+
+    request_id: str
+    time: datetime
+    method: str
+    client_ip: str
+    started: float = field(default_factory=monotonic)
+    trace_id: str | None = None
+    principal: Principal | None = None
+    action: Action | None = None
+    resource: Resource | None = None
+    decision: Decision | None = None
+    outcome: Forward | Refusal | None = None
+    reasons: tuple[str, ...] = ()  # why a refusal happened before the policy decided
+    finished: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return isinstance(self.outcome, Forward)

@@ -1,0 +1,67 @@
+"""Assemble a running casb from Settings: identity, policy, router, audit log, pipeline.
+
+Everything that is loaded or compiled once lives here, never on the request path.
+The mitmproxy addon, the admin API and the CLI all build their parts through `Runtime`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from casb.audit import AuditLog
+from casb.config import IdentitySettings, Settings
+from casb.identity import TokenVerifier, build_verifier
+from casb.identity.devkeys import dev_identity_settings, ensure_dev_keys
+from casb.pipeline import Pipeline
+from casb.policy import CompiledPolicy, load_policy
+from casb.routing import Router
+
+
+def effective_settings(settings: Settings) -> Settings:
+    """Fill in what dev mode generates: identity backed by the dev signing key."""
+    if settings.identity is not None:
+        return settings
+    if settings.environment != "dev":  # config validation already refuses this
+        raise ValueError("identity settings are required outside dev")
+    identity: IdentitySettings = dev_identity_settings(ensure_dev_keys(settings.state_dir))
+    return settings.model_copy(update={"identity": identity})
+
+
+def load_policy_for(settings: Settings) -> CompiledPolicy:
+    return load_policy(settings.policy.paths, known_destinations=set(settings.destinations))
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    pipeline: Pipeline
+
+    @classmethod
+    def build(cls, settings: Settings, *, audit: bool = True) -> Runtime:
+        """Load and compile everything. `audit=False` for tools that only decide
+        (explain, policy tests): they must not take the proxy's audit log lock."""
+        settings = effective_settings(settings)
+        assert settings.identity is not None
+        policy = load_policy_for(settings)
+        router = Router(settings)
+        verifier: TokenVerifier = build_verifier(settings.identity)
+        log = AuditLog(settings.audit.path) if audit else None
+        return cls(
+            settings=settings,
+            pipeline=Pipeline(settings, verifier=verifier, policy=policy, router=router, audit=log),
+        )
+
+    async def start(self) -> None:
+        await self.pipeline.verifier.start()
+
+    def discard(self) -> None:
+        """Release what build() took (the audit log lock) without having started."""
+        if self.pipeline.audit is not None:
+            self.pipeline.audit.close()
+
+    async def aclose(self) -> None:
+        await self.pipeline.verifier.aclose()
+        self.discard()
+
+
+__all__ = ["Runtime", "effective_settings", "load_policy_for"]

@@ -1,0 +1,96 @@
+"""Integration rig: a real JWKS server, a real Orthanc + DICOMweb plugin, and a real
+mitmdump running the casb addon in front of it, all on free loopback ports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.jwks_server import JwksServer, TestKey
+from tests.support.orthanc import Orthanc
+from tests.support.proxy import REPO, CasbProxy
+
+ISSUER = "https://idp.hospital.test/realms/imaging"
+AUDIENCE = "casb"
+
+Mint = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> TestKey:
+    return TestKey.generate("RS256")
+
+
+@pytest.fixture(scope="session")
+def jwks(signing_key: TestKey) -> Iterator[JwksServer]:
+    with JwksServer() as server:
+        server.set_keys(signing_key)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mint(signing_key: TestKey) -> Mint:
+    def _mint(
+        sub: str = "alice",
+        roles: list[str] | None = None,
+        *,
+        mfa: bool = False,
+        ttl: int = 600,
+        **claims: Any,
+    ) -> str:
+        now = int(time.time())
+        body = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "roles": roles or [],
+            "amr": ["pwd", "otp"] if mfa else ["pwd"],
+            **claims,
+        }
+        return signing_key.sign(body)
+
+    return _mint
+
+
+def casb_config(
+    workdir: Path, jwks_url: str, destinations: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "environment": "production",
+        "state_dir": str(workdir),
+        "destinations": destinations,
+        "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": jwks_url},
+        "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
+        "audit": {"path": str(workdir / "audit.jsonl")},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc, jwks: JwksServer
+) -> Iterator[CasbProxy]:
+    workdir = tmp_path_factory.mktemp("casb")
+    config = casb_config(
+        workdir,
+        jwks.url,
+        {
+            "pacs": {"upstream": orthanc.dicomweb_url, "route": "/pacs"},
+            "research": {"upstream": orthanc.dicomweb_url, "route": "/research"},
+        },
+    )
+    with CasbProxy(workdir, config, forward=True) as server:
+        yield server

@@ -1,0 +1,321 @@
+"""End to end: dicomweb-client and httpx -> real mitmdump with the casb addon -> real
+Orthanc with DICOMweb. Tokens are signed by a test IdP whose JWKS a real HTTP server
+serves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tests.integration.conftest import Mint
+from tests.support.orthanc import Orthanc
+from tests.support.proxy import CasbProxy
+
+pytestmark = pytest.mark.integration
+CASB = Path(sys.executable).with_name("casb")
+
+
+def fresh_instance(patient_name: str = "Doe^Jane") -> Dataset:
+    """pydicom's CT_small with new UIDs (so tests don't share studies) and our PHI."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName = patient_name
+    ds.PatientID = "PID-" + uuid.uuid4().hex[:8]
+    return ds
+
+
+def client(proxy: CasbProxy, token: str | None, destination: str = "pacs") -> DICOMwebClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return DICOMwebClient(url=f"{proxy.url}/{destination}", headers=headers)
+
+
+def error_of(exc: requests.HTTPError) -> tuple[int, dict[str, object]]:
+    assert exc.response is not None
+    return exc.response.status_code, exc.response.json()
+
+
+def test_radiologist_stores_searches_and_retrieves(
+    proxy: CasbProxy, orthanc: Orthanc, mint: Mint
+) -> None:
+    dw = client(proxy, mint("rad1", ["radiologist"]))
+    ds = fresh_instance()
+    dw.store_instances(datasets=[ds])
+
+    found = dw.search_for_studies(search_filters={"StudyInstanceUID": ds.StudyInstanceUID})
+    assert [s["0020000D"]["Value"][0] for s in found] == [ds.StudyInstanceUID]
+
+    got = dw.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert got.PixelData == ds.PixelData
+
+    meta = dw.retrieve_study_metadata(ds.StudyInstanceUID)
+    assert meta[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+    # And it really is in the PACS, by a direct look that bypasses the proxy.
+    assert orthanc.get_json(f"/dicom-web/studies/{ds.StudyInstanceUID}/series")
+
+
+def test_referring_physician_reads_but_cannot_store_or_delete(
+    proxy: CasbProxy, orthanc: Orthanc, mint: Mint
+) -> None:
+    ds = fresh_instance()
+    client(proxy, mint("rad2", ["radiologist"])).store_instances(datasets=[ds])
+
+    ref = client(proxy, mint("ref1", ["referring_physician"]))
+    assert ref.search_for_series(ds.StudyInstanceUID)
+    assert (
+        ref.retrieve_instance(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        ).SOPInstanceUID
+        == ds.SOPInstanceUID
+    )
+
+    with pytest.raises(requests.HTTPError) as stored:
+        ref.store_instances(datasets=[fresh_instance()])
+    status, body = error_of(stored.value)
+    assert status == 403
+    assert body["error"] == "forbidden"
+    assert "store" in str(body["message"]) and body["request_id"]
+
+    with pytest.raises(requests.HTTPError) as deleted:
+        ref.delete_study(ds.StudyInstanceUID)
+    assert error_of(deleted.value)[0] == 403
+    # The study is still there.
+    assert orthanc.get_json(f"/dicom-web/studies/{ds.StudyInstanceUID}/series")
+
+
+def test_no_token_and_bad_tokens_get_401_with_bearer_challenge(
+    proxy: CasbProxy, mint: Mint
+) -> None:
+    with httpx.Client(base_url=proxy.url) as http:
+        r = http.get("/pacs/studies")
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert "error=" not in r.headers["www-authenticate"]  # RFC 6750: no credentials
+        assert r.json()["error"] == "unauthenticated"
+
+        expired = mint("rad3", ["radiologist"], ttl=-600)
+        r = http.get("/pacs/studies", headers={"Authorization": f"Bearer {expired}"})
+        assert r.status_code == 401
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+        assert "expired" in r.headers["www-authenticate"]
+        assert r.json()["message"] == "token expired"
+
+        r = http.get("/pacs/studies", headers={"Authorization": "Bearer not.a.jwt"})
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+        r = http.get("/pacs/studies", headers={"Authorization": "Basic dXNlcjpwdw=="})
+        assert r.status_code == 401
+        assert 'error="invalid_request"' in r.headers["www-authenticate"]
+        assert r.is_redirect is False
+
+
+def test_unknown_routes_and_destinations_are_denied(proxy: CasbProxy, mint: Mint) -> None:
+    auth = {"Authorization": f"Bearer {mint('admin1', ['admin'], mfa=True)}"}
+    with httpx.Client(base_url=proxy.url, headers=auth) as http:
+        r = http.get("/pacs/patients")  # not DICOMweb: classified unknown
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        r = http.get("/elsewhere/studies")
+        assert r.status_code == 403 and r.json()["error"] == "unknown_destination"
+        r = http.request("PATCH", "/pacs/studies")
+        assert r.status_code == 403
+        r = http.get("/pacs/studies", headers={"X-HTTP-Method-Override": "DELETE"})
+        assert r.status_code == 400 and "override" in r.json()["message"]
+
+
+def test_evasive_urls_cannot_escape_the_destination(proxy: CasbProxy, mint: Mint) -> None:
+    """A referring physician may read pacs but not research: encoded traversal, duplicate
+    slashes and double encoding must not reach research or confuse the upstream."""
+    auth = {"Authorization": f"Bearer {mint('ref2', ['referring_physician'])}"}
+    with httpx.Client(base_url=proxy.url, headers=auth) as http:
+        assert http.get("/pacs//studies/").status_code == 200
+        assert http.get("/pacs/%73tudies").status_code == 200
+        # /pacs/../research/studies -> /research/studies: research is not allowed.
+        for evasive in (
+            "/pacs/%2e%2e/research/studies",
+            "/pacs/%2E%2E%2Fresearch/studies",
+            "/pacs/x/..%2f..%2fresearch/studies",
+        ):
+            r = http.get(evasive)
+            assert r.status_code == 403, evasive
+        assert http.get("/pacs/%252e%252e/research/studies").status_code == 400
+        assert http.get("/pacs/../../studies").status_code in (400, 403)
+
+
+def test_researcher_only_reaches_research(proxy: CasbProxy, mint: Mint) -> None:
+    auth = {"Authorization": f"Bearer {mint('res1', ['researcher'])}"}
+    with httpx.Client(base_url=proxy.url, headers=auth) as http:
+        assert http.get("/research/studies").status_code == 200
+        r = http.get("/pacs/studies")
+        assert r.status_code == 403 and "no allow rule" in r.json()["message"]
+
+
+def test_forward_mode_reaches_only_destinations(
+    proxy: CasbProxy, orthanc: Orthanc, mint: Mint
+) -> None:
+    assert proxy.forward_port is not None
+    auth = {"Authorization": f"Bearer {mint('rad4', ['radiologist'])}"}
+    with httpx.Client(proxy=f"http://127.0.0.1:{proxy.forward_port}", headers=auth) as http:
+        r = http.get(f"{orthanc.dicomweb_url}/studies")
+        assert r.status_code == 200 and isinstance(r.json(), list)
+        # Orthanc's own REST API is on the same host but outside the destination's base.
+        r = http.get(f"{orthanc.url}/patients")
+        assert r.status_code == 403 and r.json()["error"] == "unknown_destination"
+        r = http.get("http://127.0.0.2:9/studies")
+        assert r.status_code == 403
+
+
+def test_client_token_is_not_forwarded_upstream(tmp_path: Path, jwks: object, mint: Mint) -> None:
+    """An Orthanc that requires its own Basic credential: casb replaces the client's JWT
+    with it, and a client cannot get in without casb's credential."""
+    from tests.integration.conftest import casb_config
+
+    secret = tmp_path / "pacs-password"
+    secret.write_text("s3cret-" + uuid.uuid4().hex)
+    with Orthanc(tmp_path / "orthanc", users={"casb": secret.read_text()}) as pacs:
+        config = casb_config(
+            tmp_path / "casb",
+            jwks.url,
+            {  # type: ignore[attr-defined]
+                "pacs": {
+                    "upstream": pacs.dicomweb_url,
+                    "upstream_auth": {
+                        "type": "basic",
+                        "username": "casb",
+                        "password_file": str(secret),
+                    },
+                },
+                "research": {"upstream": pacs.dicomweb_url},
+            },
+        )
+        with CasbProxy(tmp_path / "casb", config) as px:
+            token = mint("rad5", ["radiologist"])
+            with httpx.Client(base_url=px.url) as http:
+                r = http.get("/pacs/studies", headers={"Authorization": f"Bearer {token}"})
+                assert r.status_code == 200, r.text
+            # Without casb's credential Orthanc refuses: the 200 above was casb's doing.
+            r = httpx.get(f"{pacs.dicomweb_url}/studies")
+            assert r.status_code == 401
+
+
+def test_upstream_down_gives_502_and_an_audit_record(
+    tmp_path: Path, jwks: object, mint: Mint
+) -> None:
+    from tests.integration.conftest import casb_config
+    from tests.support.processes import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    config = casb_config(
+        tmp_path,
+        jwks.url,
+        {  # type: ignore[attr-defined]
+            "pacs": {"upstream": dead},
+            "research": {"upstream": dead},
+        },
+    )
+    with CasbProxy(tmp_path, config) as px:
+        r = httpx.get(
+            f"{px.url}/pacs/studies",
+            headers={"Authorization": f"Bearer {mint('rad6', ['radiologist'])}"},
+        )
+        assert r.status_code == 502
+        records = px.audit_records()
+    assert len(records) == 1
+    assert records[0]["status"] == 502 and records[0]["error"] == "upstream_unreachable"
+    assert records[0]["decision"] == "allow"
+
+
+def test_every_request_is_audited_and_the_chain_verifies(
+    tmp_path: Path, jwks: object, orthanc: Orthanc, mint: Mint
+) -> None:
+    from tests.integration.conftest import casb_config
+
+    config = casb_config(
+        tmp_path,
+        jwks.url,
+        {  # type: ignore[attr-defined]
+            "pacs": {"upstream": orthanc.dicomweb_url},
+            "research": {"upstream": orthanc.dicomweb_url},
+        },
+    )
+    sentinel = "Sentinel^Zebulon" + uuid.uuid4().hex[:6]
+    ds = fresh_instance(patient_name=sentinel)
+    with CasbProxy(tmp_path, config) as px:
+        rad = client(px, mint("rad7", ["radiologist"]))
+        rad.store_instances(datasets=[ds])  # 1 allow
+        rad.search_for_studies(search_filters={"PatientName": sentinel})  # 2 allow
+        rad.retrieve_instance(
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,  # 3 allow
+            ds.SOPInstanceUID,
+        )
+        with pytest.raises(requests.HTTPError):
+            client(px, mint("ref3", ["referring_physician"])).store_instances(
+                datasets=[fresh_instance(patient_name=sentinel)]
+            )  # 4 deny
+        with pytest.raises(requests.HTTPError):
+            client(px, None).search_for_studies()  # 5 deny (401)
+        r = httpx.get(f"{px.url}/pacs/studies?PatientName={sentinel}")  # 6 deny (401)
+        assert r.status_code == 401
+        records = px.audit_records()
+        on_file = len(px.audit_records(include_probes=True))  # + start()'s readiness probe
+        log = px.log()
+
+    assert [r["status"] for r in records] == [200, 200, 200, 403, 401, 401]
+    assert [r["decision"] for r in records] == ["allow"] * 3 + ["deny"] * 3
+    assert [r["action"] for r in records[:4]] == ["store", "search", "retrieve", "store"]
+    store, search, retrieve, denied = records[:4]
+    assert store["principal"]["sub"] == "rad7" and store["bytes_in"] > len(ds.PixelData)
+    assert search["query_keys"] == ["PatientName"]
+    assert retrieve["uids"] == {
+        "study": ds.StudyInstanceUID,
+        "series": ds.SeriesInstanceUID,
+        "instance": ds.SOPInstanceUID,
+    }
+    assert retrieve["bytes_out"] > 10_000  # the instance, as sent (Orthanc gzips it)
+    assert denied["rule_id"] is None and denied["reasons"]
+    assert all(r["request_id"] and r["policy_version"].startswith("sha256:") for r in records)
+
+    # No PHI in the audit trail or the proxy's log: the sentinel name went through
+    # stores, searches (as a query value) and denials.
+    audit_text = (tmp_path / "audit.jsonl").read_text()
+    assert sentinel not in audit_text and ds.PatientID not in audit_text
+    assert sentinel not in log and ds.PatientID not in log
+
+    ok = subprocess.run(
+        [str(CASB), "audit", "verify", str(tmp_path / "audit.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"OK: {on_file} records" in ok.stdout
+
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines(keepends=True)
+    edited = list(lines)
+    deny_at = next(i for i, line in enumerate(lines) if json.loads(line)["status"] == 403)
+    rec = json.loads(edited[deny_at])
+    rec["decision"] = "allow"  # someone hides a refused upload attempt
+    edited[deny_at] = json.dumps(rec) + "\n"
+    for name, tampered, bad_line in (
+        ("edited", edited, deny_at + 1),
+        ("deleted", lines[:2] + lines[3:], 3),
+        ("reordered", [lines[0], lines[2], lines[1], *lines[3:]], 2),
+    ):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(tampered))
+        res = subprocess.run([str(CASB), "audit", "verify", str(f)], capture_output=True, text=True)
+        assert res.returncode == 1, name
+        assert f"line {bad_line}" in res.stdout, (name, res.stdout)

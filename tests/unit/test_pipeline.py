@@ -1,0 +1,252 @@
+"""The pipeline without mitmproxy: real verifier (JWKS file), real policy, real router,
+real audit log. What the edge would forward, refuse and audit."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from casb.config import Settings
+from casb.context import Action, Principal, RequestFacts, Resource
+from casb.exchange import Forward, IncomingRequest, Refusal
+from casb.policy.decision import Decision
+from casb.runtime import Runtime
+from tests.jwks_server import TestKey, jwks_of
+
+REPO = Path(__file__).resolve().parents[2]
+ISS, AUD = "https://idp.test", "casb"
+
+
+@pytest.fixture(scope="module")
+def key() -> TestKey:
+    return TestKey.generate("ES256")
+
+
+def make_runtime(
+    tmp_path: Path,
+    key: TestKey,
+    *,
+    identity: dict[str, Any] | None = None,
+    destinations: dict[str, Any] | None = None,
+) -> Runtime:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(jwks_of(key)))
+    settings = Settings(
+        environment="production",
+        destinations=destinations
+        or {
+            "pacs": {"upstream": "https://pacs.example.org:8443/dicom-web"},
+            "research": {
+                "upstream": "http://research.example.org/dw",
+                "upstream_auth": {"type": "passthrough"},
+            },
+        },
+        identity={"issuer": ISS, "audience": [AUD], "jwks_file": str(jwks), **(identity or {})},
+        policy={"paths": [str(REPO / "policies" / "hospital.yaml")]},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
+    return Runtime.build(settings)
+
+
+def token(key: TestKey, roles: list[str], *, sub: str = "u1", mfa: bool = False) -> str:
+    now = int(time.time())
+    return key.sign(
+        {
+            "iss": ISS,
+            "aud": AUD,
+            "sub": sub,
+            "iat": now,
+            "exp": now + 300,
+            "roles": roles,
+            "amr": ["pwd", "mfa"] if mfa else ["pwd"],
+        }
+    )
+
+
+def request(
+    target: str, tok: str | None = None, method: str = "GET", **extra_headers: str
+) -> IncomingRequest:
+    headers = [("Authorization", f"Bearer {tok}")] if tok else []
+    headers += list(extra_headers.items())
+    return IncomingRequest(method=method, target=target, headers=headers, client_ip="10.1.2.3")
+
+
+async def test_allowed_request_is_rewritten_to_what_was_classified(
+    tmp_path: Path, key: TestKey
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(
+        request("/pacs//studies/%31.2.3/series/?limit=5", token(key, ["radiologist"]))
+    )
+    assert isinstance(tx.outcome, Forward), tx.reasons
+    fwd = tx.outcome
+    assert (fwd.scheme, fwd.host, fwd.port) == ("https", "pacs.example.org", 8443)
+    assert fwd.target == "/dicom-web/studies/1.2.3/series?limit=5"
+    assert ("Host", "pacs.example.org:8443") in fwd.set_headers
+    assert "Authorization" in fwd.remove_headers  # default: the client's token stays here
+    assert tx.action is Action.SEARCH and tx.resource is not None
+    assert tx.resource.study_uid == "1.2.3"
+    assert tx.decision is not None and tx.decision.rule_id == "radiologist-read"
+
+
+async def test_passthrough_keeps_the_client_token(tmp_path: Path, key: TestKey) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(request("/research/studies", token(key, ["researcher"])))
+    assert isinstance(tx.outcome, Forward)
+    assert "Authorization" not in tx.outcome.remove_headers
+    assert tx.outcome.host == "research.example.org" and tx.outcome.port == 80
+
+
+async def test_bearer_upstream_credential_replaces_the_token(
+    tmp_path: Path, key: TestKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PACS_TOKEN", "upstream-secret")
+    rt = make_runtime(
+        tmp_path,
+        key,
+        destinations={
+            "pacs": {
+                "upstream": "https://pacs.example.org/dw",
+                "upstream_auth": {"type": "bearer", "token_env": "PACS_TOKEN"},
+            },
+            "research": {"upstream": "https://research.example.org/dw"},
+        },
+    )
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["radiologist"])))
+    assert isinstance(tx.outcome, Forward)
+    assert ("Authorization", "Bearer upstream-secret") in tx.outcome.set_headers
+
+
+async def test_query_token_refused_unless_enabled_and_then_stripped(
+    tmp_path: Path, key: TestKey
+) -> None:
+    tok = token(key, ["radiologist"])
+    off = make_runtime(tmp_path / "off", key)
+    tx = await off.pipeline.decide(request(f"/pacs/studies?access_token={tok}"))
+    assert isinstance(tx.outcome, Refusal) and tx.outcome.status == 401
+    assert "disabled" in tx.outcome.message
+
+    on = make_runtime(tmp_path / "on", key, identity={"allow_query_token": True})
+    tx = await on.pipeline.decide(
+        request(
+            f"/pacs/studies/1.2/series/3.4/instances/5.6/frames/1?access_token={tok}"
+            "&accept=image%2Fjpeg"
+        )
+    )
+    assert isinstance(tx.outcome, Forward), tx.reasons
+    assert "access_token" not in tx.outcome.target and tok not in tx.outcome.target
+    assert tx.outcome.target.endswith("/frames/1?accept=image%2Fjpeg")
+
+
+async def test_refusals_carry_status_code_and_reason(tmp_path: Path, key: TestKey) -> None:
+    rt = make_runtime(tmp_path, key)
+    cases = [
+        (request("/pacs/studies"), 401, "unauthenticated"),
+        (request("/pacs/studies", "x.y.z"), 401, "unauthenticated"),
+        (request("/nowhere/studies", token(key, ["radiologist"])), 403, "unknown_destination"),
+        (request("/pacs/studies", token(key, ["referring_physician"]), "POST"), 403, "forbidden"),
+        (request("/pacs/%zz", token(key, ["radiologist"])), 400, "bad_request"),
+        (
+            request(
+                "/pacs/studies",
+                token(key, ["radiologist"]),
+                "GET",
+                **{"X-HTTP-Method-Override": "DELETE"},
+            ),
+            400,
+            "bad_request",
+        ),
+        (request("/pacs/studies/1.2", token(key, ["admin"]), "DELETE"), 401, "mfa_required"),
+    ]
+    for req, status, code in cases:
+        tx = await rt.pipeline.decide(req)
+        assert isinstance(tx.outcome, Refusal), req.target
+        assert (tx.outcome.status, tx.outcome.code) == (status, code), req.target
+        assert tx.outcome.message
+    tx = await rt.pipeline.decide(request("/pacs/studies/1.2", token(key, ["admin"]), "DELETE"))
+    assert isinstance(tx.outcome, Refusal)
+    assert (
+        'error="insufficient_user_authentication"' in dict(tx.outcome.headers)["WWW-Authenticate"]
+    )
+    tx = await rt.pipeline.decide(
+        request("/pacs/studies/1.2", token(key, ["admin"], mfa=True), "DELETE")
+    )
+    assert isinstance(tx.outcome, Forward)
+
+
+class _BrokenPolicy:
+    version = "sha256:broken"
+    rule_count = 0
+
+    def decide(
+        self, principal: Principal, action: Action, resource: Resource, facts: RequestFacts
+    ) -> Decision:
+        raise RuntimeError("boom")
+
+
+async def test_a_check_that_raises_denies(tmp_path: Path, key: TestKey) -> None:
+    rt = make_runtime(tmp_path, key)
+    rt.pipeline.policy = _BrokenPolicy()  # type: ignore[assignment]
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["radiologist"])))
+    assert isinstance(tx.outcome, Refusal)
+    assert (tx.outcome.status, tx.outcome.code) == (500, "internal_error")
+    assert tx.reasons == ("internal error: RuntimeError",)
+    rt.pipeline.finish(tx, status=500)
+    record = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert record["decision"] == "deny" and record["status"] == 500
+
+
+async def test_audit_record_has_the_contract_fields_and_no_query_values(
+    tmp_path: Path, key: TestKey
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    req = request(
+        "/pacs/studies?PatientName=Secret%5EName&00100020=MRN-778899",
+        token(key, ["radiologist"], sub="dr-who"),
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    tx = await rt.pipeline.decide(req)
+    rt.pipeline.finish(tx, status=200, bytes_in=0, bytes_out=1234)
+    rt.pipeline.finish(tx, status=200)  # only ever one record per request
+    raw = (tmp_path / "audit.jsonl").read_text()
+    assert raw.count("\n") == 1
+    assert "Secret" not in raw and "MRN-778899" not in raw
+    rec = json.loads(raw)
+    assert set(rec) >= {
+        "time",
+        "request_id",
+        "trace_id",
+        "principal",
+        "client",
+        "action",
+        "destination",
+        "uids",
+        "decision",
+        "rule_id",
+        "reasons",
+        "dlp",
+        "bytes_in",
+        "bytes_out",
+        "status",
+        "duration_ms",
+        "seq",
+        "prev_hash",
+        "hash",
+    }
+    assert rec["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rec["principal"] == {
+        "sub": "dr-who",
+        "issuer": ISS,
+        "roles": ["radiologist"],
+        "mfa": False,
+    }
+    assert rec["client"] == {"ip": "10.1.2.3"}
+    assert rec["query_keys"] == ["PatientID", "PatientName"]
+    assert rec["bytes_out"] == 1234 and rec["decision"] == "allow"
+    assert datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).tzinfo == UTC
