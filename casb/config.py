@@ -304,8 +304,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
+def describe_validation_error(
+    source: str, exc: ValidationError, what: str = "configuration"
+) -> str:
+    lines = [f"{source}: invalid {what}"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  {loc}: {err['msg']}")

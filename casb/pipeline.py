@@ -40,6 +40,9 @@ from casb.policy import CompiledPolicy
 from casb.routing import Route, Router
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+# Obligations the enforcement side can carry out. A decision that carries any other
+# obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
+ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset()
 # Headers never sent upstream: our own credential handling decides Authorization.
 _ALWAYS_REMOVED = ("Proxy-Authorization",)
 
@@ -125,6 +128,15 @@ class Pipeline:
         tx.decision = decision
         if not decision.allow:
             return _denial(decision.step_up, decision.reasons)
+        missing = sorted(set(decision.obligations) - ENFORCEABLE_OBLIGATIONS)
+        if missing:
+            # The policy allows only on a condition this proxy cannot meet: refuse rather
+            # than forward the request unprotected.
+            reason = (
+                f"the policy requires obligation(s) {', '.join(missing)}, which this "
+                "proxy cannot enforce; refused rather than forwarded unprotected"
+            )
+            raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
         return self._forward(route, rest, target.query)
 
     async def _authenticate(

@@ -112,7 +112,7 @@ def _load(path: Path) -> _CaseFile:
     try:
         return _CaseFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(str(path), exc)) from exc
+        raise ConfigError(describe_validation_error(str(path), exc, "policy test file")) from exc
 
 
 def run_case_files(paths: list[Path], *, settings: Settings, verbose: bool = False) -> CaseReport:

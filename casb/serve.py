@@ -41,15 +41,14 @@ def proxy_modes(settings: Settings) -> list[str]:
     return modes
 
 
-def mitmproxy_options(settings: Settings) -> options.Options:
-    return options.Options(
-        mode=proxy_modes(settings),
-        confdir=str(settings.state_dir / "mitmproxy"),  # the CA forward-mode clients trust
-        connection_strategy="lazy",  # connect upstream only for requests we allow
-        body_size_limit=str(settings.limits.max_body_bytes),
-        # Never follow the client's Host header to pick the upstream: the addon does.
-        keep_host_header=False,
-    )
+def mitmproxy_options(settings: Settings) -> dict[str, object]:
+    return {
+        "mode": proxy_modes(settings),
+        "confdir": str(settings.state_dir / "mitmproxy"),  # the CA forward-mode clients trust
+        "connection_strategy": "lazy",  # connect upstream only for requests we allow
+        "body_size_limit": str(settings.limits.max_body_bytes),
+        "keep_host_header": False,  # the addon sets Host for the destination
+    }
 
 
 def banner(settings: Settings, admin: bool) -> str:
@@ -88,7 +87,9 @@ def banner(settings: Settings, admin: bool) -> str:
 async def serve(settings: Settings, *, admin: bool) -> None:
     runtime = Runtime.build(settings)
     settings = runtime.settings
-    master = DumpMaster(mitmproxy_options(settings), with_termlog=True, with_dumper=False)
+    opts = options.Options()
+    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    opts.update(**mitmproxy_options(settings))  # known once the default addons loaded
     master.addons.add(CasbAddon(runtime))
 
     loop = asyncio.get_running_loop()

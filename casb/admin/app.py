@@ -6,8 +6,8 @@ token whose principal holds one of `admin.roles`.
     POST /v1/policy/simulate  what the proxy would decide (same JSON as `casb policy explain`)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads these annotations at runtime,
+# including ones that name closures (the admin dependency).
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException

@@ -24,11 +24,13 @@ def build_record(
 ) -> dict[str, Any]:
     p, r, d = tx.principal, tx.resource, tx.decision
     refusal = tx.outcome if isinstance(tx.outcome, Refusal) else None
+    # The decision recorded is the outcome (was the request forwarded?); the policy's
+    # rule and reasons come first, then any reason enforcement refused for.
+    decision = "allow" if tx.allowed else "deny"
     if d is not None:
-        decision = "allow" if d.allow else "deny"
-        rule_id, reasons, obligations = d.rule_id, list(d.reasons), dict(d.obligations)
+        rule_id, obligations = d.rule_id, dict(d.obligations)
+        reasons = [*d.reasons, *tx.reasons]
     else:
-        decision = "allow" if tx.allowed else "deny"
         rule_id, reasons, obligations = None, list(tx.reasons), {}
     return {
         "time": tx.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

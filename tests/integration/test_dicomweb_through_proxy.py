@@ -155,10 +155,16 @@ def test_evasive_urls_cannot_escape_the_destination(proxy: CasbProxy, mint: Mint
         assert http.get("/pacs/../../studies").status_code in (400, 403)
 
 
-def test_researcher_only_reaches_research(proxy: CasbProxy, mint: Mint) -> None:
+def test_researcher_is_refused_until_deidentification_can_be_enforced(
+    proxy: CasbProxy, mint: Mint
+) -> None:
+    """The policy lets researchers read `research` only with a `deidentify` obligation.
+    This proxy cannot de-identify yet, so it refuses instead of forwarding PHI."""
     auth = {"Authorization": f"Bearer {mint('res1', ['researcher'])}"}
     with httpx.Client(base_url=proxy.url, headers=auth) as http:
-        assert http.get("/research/studies").status_code == 200
+        r = http.get("/research/studies")
+        assert r.status_code == 403 and r.json()["error"] == "unenforceable_obligation"
+        assert "deidentify" in r.json()["message"]
         r = http.get("/pacs/studies")
         assert r.status_code == 403 and "no allow rule" in r.json()["message"]
 

@@ -59,7 +59,8 @@ class Process:
         )
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_until(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:

@@ -96,11 +96,37 @@ async def test_allowed_request_is_rewritten_to_what_was_classified(
 
 
 async def test_passthrough_keeps_the_client_token(tmp_path: Path, key: TestKey) -> None:
-    rt = make_runtime(tmp_path, key)
-    tx = await rt.pipeline.decide(request("/research/studies", token(key, ["researcher"])))
+    rt = make_runtime(
+        tmp_path,
+        key,
+        destinations={
+            "pacs": {
+                "upstream": "http://pacs.example.org/dw",
+                "upstream_auth": {"type": "passthrough"},
+            },
+            "research": {"upstream": "http://research.example.org/dw"},
+        },
+    )
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["radiologist"])))
     assert isinstance(tx.outcome, Forward)
     assert "Authorization" not in tx.outcome.remove_headers
-    assert tx.outcome.host == "research.example.org" and tx.outcome.port == 80
+    assert tx.outcome.host == "pacs.example.org" and tx.outcome.port == 80
+
+
+async def test_unenforceable_obligation_is_refused_not_forwarded(
+    tmp_path: Path, key: TestKey
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(request("/research/studies", token(key, ["researcher"])))
+    assert isinstance(tx.outcome, Refusal)
+    assert (tx.outcome.status, tx.outcome.code) == (403, "unenforceable_obligation")
+    assert tx.decision is not None and tx.decision.allow  # the policy said yes ...
+    rt.pipeline.finish(tx, status=403)
+    rec = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert rec["decision"] == "deny"  # ... the outcome is what gets audited
+    assert rec["rule_id"] == "researcher-read"
+    assert rec["obligations"] == {"deidentify": "research-basic"}
+    assert "cannot enforce" in rec["reasons"][-1]
 
 
 async def test_bearer_upstream_credential_replaces_the_token(

@@ -1,0 +1,154 @@
+"""`casb run` as a user starts it: dev mode, generated keys, `casb token mint`, the proxy
+in front of a real Orthanc, and the admin API on the same process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from pydicom.data import get_testdata_file
+
+from tests.support.orthanc import Orthanc
+from tests.support.processes import Process, free_port, port_open
+from tests.support.proxy import REPO
+
+CASB = Path(sys.executable).with_name("casb")
+DICOMWEB_CLIENT = Path(sys.executable).with_name("dicomweb_client")
+
+
+@pytest.fixture(scope="module")
+def casb_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int, int]]:
+    work = tmp_path_factory.mktemp("casb-run")
+    with Orthanc(work / "orthanc") as orthanc:
+        proxy_port, admin_port = free_port(), free_port()
+        config = {
+            "environment": "dev",
+            "state_dir": str(work / "state"),
+            "listeners": [{"mode": "reverse", "host": "127.0.0.1", "port": proxy_port}],
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "destinations": {
+                "pacs": {"upstream": orthanc.dicomweb_url},
+                "research": {"upstream": orthanc.dicomweb_url},
+            },
+            "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
+            "audit": {"path": str(work / "audit.jsonl")},
+        }
+        cfg = work / "casb.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        proc = Process([str(CASB), "run", "--config", str(cfg)], log_path=work / "run.log")
+        try:
+            proc.wait_until(
+                lambda: port_open(proxy_port) and port_open(admin_port), timeout=30, what="casb run"
+            )
+            yield cfg, proxy_port, admin_port
+        finally:
+            proc.stop()
+        assert "Try it:" in proc.log()  # it told the user how to use it
+
+
+def mint(cfg: Path, *args: str) -> str:
+    out = subprocess.run(
+        [str(CASB), "token", "mint", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_minted_token_works_through_the_proxy(casb_run: tuple[Path, int, int]) -> None:
+    cfg, proxy_port, _ = casb_run
+    token = mint(cfg, "--sub", "alice", "--role", "radiologist")
+    base = f"http://127.0.0.1:{proxy_port}/pacs"
+    # The README walkthrough's upload and search, with dicomweb-client's own CLI.
+    store = subprocess.run(
+        [
+            str(DICOMWEB_CLIENT),
+            "--url",
+            base,
+            "--bearer-token",
+            token,
+            "store",
+            "instances",
+            get_testdata_file("CT_small.dcm"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert store.returncode == 0, store.stderr
+    r = httpx.get(f"{base}/studies", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200
+    assert any(s["0020000D"]["Value"] for s in r.json())
+
+    ref = mint(cfg, "--sub", "bob", "--role", "referring_physician")
+    r = httpx.post(
+        f"{base}/studies",
+        headers={"Authorization": f"Bearer {ref}", "Content-Type": "application/dicom"},
+    )
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+
+def test_admin_api(casb_run: tuple[Path, int, int]) -> None:
+    cfg, _, admin_port = casb_run
+    admin = f"http://127.0.0.1:{admin_port}"
+    assert httpx.get(f"{admin}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{admin}/readyz")
+    assert ready.status_code == 200 and ready.json()["policy_version"].startswith("sha256:")
+
+    body = {
+        "method": "DELETE",
+        "url": "/pacs/studies/1.2.3",
+        "principal": {"sub": "carol", "roles": ["admin"], "mfa": False},
+    }
+    assert httpx.post(f"{admin}/v1/policy/simulate", json=body).status_code == 401
+    rad = mint(cfg, "--sub", "dave", "--role", "radiologist")
+    r = httpx.post(
+        f"{admin}/v1/policy/simulate", json=body, headers={"Authorization": f"Bearer {rad}"}
+    )
+    assert r.status_code == 403
+    adm = mint(cfg, "--sub", "erin", "--role", "admin", "--mfa")
+    r = httpx.post(
+        f"{admin}/v1/policy/simulate", json=body, headers={"Authorization": f"Bearer {adm}"}
+    )
+    assert r.status_code == 200
+    decision = r.json()
+    assert decision["decision"] == "deny" and decision["status"] == 401  # step-up to MFA
+    assert decision["rule_id"] == "delete-needs-mfa"
+    # Same JSON as `casb policy explain`.
+    cli = subprocess.run(
+        [
+            str(CASB),
+            "policy",
+            "explain",
+            "--config",
+            str(cfg),
+            "--method",
+            "DELETE",
+            "--url",
+            "/pacs/studies/1.2.3",
+            "--sub",
+            "carol",
+            "--role",
+            "admin",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(cli.stdout) == decision
+
+
+def test_token_mint_refuses_outside_dev(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [str(CASB), "token", "mint", "--config", str(REPO / "casb.example.yaml"), "--sub", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert "dev signing key" in res.stderr
