@@ -30,7 +30,7 @@ bench: $(STAMP)
 # A local Orthanc with the DICOMweb plugin on :8042, for the README walkthrough
 # (needs the Debian packages orthanc and orthanc-dicomweb).
 orthanc: $(STAMP)
-	$(BIN)/python -m tests.orthanc_server --port 8042
+	$(BIN)/python -m tests.support.orthanc --port 8042
 
 clean:
 	rm -rf $(VENV) .casb build *.egg-info

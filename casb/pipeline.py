@@ -43,8 +43,9 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 # Obligations the enforcement side can carry out. A decision that carries any other
 # obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
 ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset()
-# Headers never sent upstream: our own credential handling decides Authorization.
-_ALWAYS_REMOVED = ("Proxy-Authorization",)
+# Headers never sent upstream: our own credential handling decides Authorization, and
+# a protocol upgrade (WebSocket, h2c) would carry traffic past every check.
+_ALWAYS_REMOVED = ("Proxy-Authorization", "Upgrade")
 
 
 class _Refused(Exception):

@@ -90,6 +90,7 @@ async def test_allowed_request_is_rewritten_to_what_was_classified(
     assert fwd.target == "/dicom-web/studies/1.2.3/series?limit=5"
     assert ("Host", "pacs.example.org:8443") in fwd.set_headers
     assert "Authorization" in fwd.remove_headers  # default: the client's token stays here
+    assert "Upgrade" in fwd.remove_headers  # no WebSocket/h2c tunnel past the checks
     assert tx.action is Action.SEARCH and tx.resource is not None
     assert tx.resource.study_uid == "1.2.3"
     assert tx.decision is not None and tx.decision.rule_id == "radiologist-read"
