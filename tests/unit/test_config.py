@@ -119,3 +119,29 @@ def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "a: [1, 2"))
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_settings(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_helm_values_config_is_a_valid_casb_config() -> None:
+    """The chart's default `config` (plus the keys the chart sets itself) must load."""
+    import yaml
+
+    from casb.config import Settings
+
+    values = yaml.safe_load((REPO / "helm" / "casb" / "values.yaml").read_text())
+    config = dict(values["config"])
+    config.update(
+        state_dir="/var/lib/casb",
+        policy={"paths": ["/etc/casb/policies"]},
+        audit={"path": "/var/log/casb/audit.jsonl"},
+        listeners=[{"mode": "reverse", "host": "0.0.0.0", "port": values["service"]["proxyPort"]}],
+    )
+    config["admin"] = {
+        **config.get("admin", {}),
+        "host": "0.0.0.0",
+        "port": values["service"]["adminPort"],
+    }
+    s = Settings(**config)
+    assert s.environment == "production" and s.identity is not None
+    assert (REPO / "helm" / "casb" / "files" / "hospital.yaml").read_text() == (
+        REPO / "policies" / "hospital.yaml"
+    ).read_text()
