@@ -79,17 +79,38 @@ def _fail_closed(hook: _Hook) -> _Hook:
     return cast(_Hook, guarded)
 
 
-class _ByteCounter:
-    """A mitmproxy stream callable that passes chunks through and counts them."""
+class _AuditedStream:
+    """A mitmproxy response stream that counts bytes and holds back the latest chunk, so
+    the audit record is written before the client has the whole body. If it cannot be
+    written, the last chunk is never released and the flow is cut."""
 
-    __slots__ = ("count",)
+    __slots__ = ("addon", "count", "flow", "held", "tx")
 
-    def __init__(self) -> None:
+    def __init__(self, addon: CasbAddon, flow: http.HTTPFlow, tx: Transaction) -> None:
+        self.addon, self.flow, self.tx = addon, flow, tx
         self.count = 0
+        self.held = b""
 
-    def __call__(self, data: bytes) -> bytes:
-        self.count += len(data)
-        return data
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.tx.finished:  # mitmproxy sent data after the end: pass it on
+            self.count += len(data)
+            return [data] if data else []
+        if data:
+            self.count += len(data)
+            out, self.held = self.held, data
+            return [out] if out else []
+        # End of the body: audit, then release the last chunk.
+        assert self.flow.response is not None
+        if not self.addon._finish(
+            self.flow,
+            self.tx,
+            status=self.flow.response.status_code,
+            bytes_out=self.count,
+            streamed=True,
+        ):
+            return []
+        out, self.held = self.held, b""
+        return [out] if out else []
 
 
 class CasbAddon:
@@ -97,6 +118,9 @@ class CasbAddon:
         self.runtime = runtime
         self._prebuilt = runtime is not None  # `casb proxy` builds it; mitmdump -s does not
         self._started = False
+        # Upstream responses up to this size are buffered (and audited before any byte
+        # goes out); larger or unsized ones stream through with bounded memory.
+        self._buffer_limit = 1024 * 1024
 
     # -- lifecycle -------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
@@ -180,25 +204,29 @@ class CasbAddon:
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         tx = flow.metadata.get(_META)
-        if isinstance(tx, Transaction) and tx.allowed and flow.response is not None:
-            counter = _ByteCounter()
-            flow.metadata["casb_out"] = counter
-            flow.response.stream = counter
+        if not isinstance(tx, Transaction) or flow.response is None:
+            return
+        flow.response.headers[REQUEST_ID_HEADER] = tx.request_id
+        if not tx.allowed:
+            return
+        length = flow.response.headers.get("content-length", "")
+        if length.isdigit() and int(length) <= self._buffer_limit:
+            return  # small: buffered, audited in `response` before a byte is sent
+        flow.response.stream = _AuditedStream(self, flow, tx)
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         tx = flow.metadata.get(_META)
-        if not isinstance(tx, Transaction) or flow.response is None:
+        if not isinstance(tx, Transaction) or flow.response is None or tx.finished:
             return
-        flow.response.headers[REQUEST_ID_HEADER] = tx.request_id
-        counter = flow.metadata.get("casb_out")
-        bytes_out = counter.count if counter else len(flow.response.raw_content or b"")
+        # Refusals we made, and small buffered upstream responses (streamed ones are
+        # audited by their stream).
         self._finish(
             flow,
             tx,
             status=flow.response.status_code,
-            bytes_out=bytes_out,
-            streamed=counter is not None,
+            bytes_out=len(flow.response.raw_content or b""),
+            streamed=False,
         )
 
     @_fail_closed
@@ -217,12 +245,12 @@ class CasbAddon:
             status, code = flow.response.status_code, "transfer_failed"
         else:
             status, code = 502, "upstream_unreachable" if tx.allowed else "transfer_failed"
-        counter = flow.metadata.get("casb_out")
+        stream = flow.response.stream if flow.response is not None else None
         self._finish(
             flow,
             tx,
             status=status,
-            bytes_out=counter.count if counter else 0,
+            bytes_out=stream.count if isinstance(stream, _AuditedStream) else 0,
             streamed=True,
             error=code,
         )
@@ -237,13 +265,15 @@ class CasbAddon:
         bytes_out: int,
         streamed: bool,
         error: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Write the audit record; False (and the response withheld) if it cannot be."""
         assert self.runtime is not None
         raw_in = flow.request.raw_content
         try:
             self.runtime.pipeline.finish(
                 tx, status=status, bytes_in=len(raw_in or b""), bytes_out=bytes_out, error=error
             )
+            return True
         except AuditError as exc:
             # No access without an audit record: withhold the response.
             log.error(
@@ -256,6 +286,7 @@ class CasbAddon:
                     503, "audit_unavailable", "the audit log cannot be written; request refused"
                 )
                 flow.response = _make_response(refusal, tx.request_id)
+            return False
 
 
 def _client_ip(flow: http.HTTPFlow) -> str:
@@ -264,14 +295,19 @@ def _client_ip(flow: http.HTTPFlow) -> str:
 
 
 def _rewrite(req: http.Request, fwd: Forward) -> None:
-    req.scheme, req.host, req.port, req.path = fwd.scheme, fwd.host, fwd.port, fwd.target
+    if (req.scheme, req.host, req.port) != (fwd.scheme, fwd.host, fwd.port):
+        req.scheme, req.host, req.port = fwd.scheme, fwd.host, fwd.port
+    req.path = fwd.target
+    headers = req.headers
     for name in fwd.remove_headers:
-        req.headers.pop(name, None)
+        if name in headers:
+            del headers[name]
     for name, value in fwd.set_headers:
         if name == "Host":
-            req.host_header = value
+            if req.host_header != value:
+                req.host_header = value
         else:
-            req.headers[name] = value
+            headers[name] = value
 
 
 def _make_response(refusal: Refusal, request_id: str) -> http.Response:

@@ -82,6 +82,10 @@ class Pipeline:
         return tx
 
     async def _decide(self, req: IncomingRequest, tx: Transaction) -> Forward | Refusal:
+        if self.audit is not None and not self.audit.healthy:
+            # The last record could not be written: forward nothing until one can be.
+            reason = "the audit log cannot be written; request refused"
+            raise _Refused(Refusal(503, "audit_unavailable", reason), reason)
         target, tx.method = self.parse(req.method, req.target, req.headers)
         tx.principal = await self._authenticate(req, target.query)
         return self.authorize(

@@ -28,11 +28,13 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def seal(record: dict[str, Any], seq: int, prev_hash: str) -> dict[str, Any]:
-    """Return `record` with seq, prev_hash and hash set (the input is not modified)."""
-    sealed = dict(record, seq=seq, prev_hash=prev_hash)
-    sealed["hash"] = record_hash(sealed)
-    return sealed
+def sealed_line(record: dict[str, Any], seq: int, prev_hash: str) -> tuple[bytes, str]:
+    """The JSONL line for `record` as chain entry `seq`, and its hash. Serialises once:
+    the line is the canonical JSON that was hashed, with "hash" appended (verification
+    re-canonicalises, so the line's key order does not matter)."""
+    body = canonical_json(dict(record, seq=seq, prev_hash=prev_hash))
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
 @dataclass(frozen=True, slots=True)

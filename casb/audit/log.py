@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from casb.audit.chain import GENESIS_HASH, canonical_json, record_hash, seal
+from casb.audit.chain import GENESIS_HASH, record_hash, sealed_line
 
 _TAIL_CHUNK = 64 * 1024
 
@@ -45,25 +45,29 @@ class AuditLog:
             os.close(self._fd)
             raise
         self._lock = threading.Lock()
+        self.healthy = True  # False after a failed write, until a write succeeds again
 
     @property
     def records_written(self) -> int:
         return self._seq
 
-    def append(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Seal `record` into the chain and write it; returns the sealed record."""
+    def append(self, record: dict[str, Any]) -> str:
+        """Seal `record` into the chain and write it; returns its hash."""
         with self._lock:
-            sealed = seal(record, self._seq + 1, self._prev)
-            line = canonical_json(sealed) + b"\n"
+            line, digest = sealed_line(record, self._seq + 1, self._prev)
             try:
                 written = os.write(self._fd, line)
             except OSError as exc:
+                self.healthy = False
                 raise AuditError(f"{self.path}: audit write failed: {exc.strerror}") from exc
             if written != len(line):
+                # A partial line would break the chain for every later record.
+                self.healthy = False
                 raise AuditError(f"{self.path}: short audit write ({written}/{len(line)} bytes)")
+            self.healthy = True
             self._seq += 1
-            self._prev = sealed["hash"]
-            return sealed
+            self._prev = digest
+            return digest
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import pydicom
@@ -325,3 +326,72 @@ def test_every_request_is_audited_and_the_chain_verifies(
         res = subprocess.run([str(CASB), "audit", "verify", str(f)], capture_output=True, text=True)
         assert res.returncode == 1, name
         assert f"line {bad_line}" in res.stdout, (name, res.stdout)
+
+
+def test_large_responses_stream_and_are_audited_before_they_complete(
+    proxy: CasbProxy, mint: Mint
+) -> None:
+    """A retrieval bigger than the buffer limit streams through; its audit record, with
+    the byte count, is on disk by the time the client has the whole body."""
+    import os
+
+    ds = fresh_instance()
+    ds.Rows, ds.Columns = 1024, 1536  # 3 MiB of 16-bit pixels, incompressible
+    ds.PixelData = os.urandom(1024 * 1536 * 2)
+    token = mint("rad8", ["radiologist"])
+    client(proxy, token).store_instances(datasets=[ds])
+    url = (
+        f"{proxy.url}/pacs/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    with httpx.stream(
+        "GET",
+        url,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": 'multipart/related; type="application/dicom"',
+            "Accept-Encoding": "identity",
+        },
+    ) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-request-id"]
+        received = sum(len(chunk) for chunk in r.iter_raw())
+        # Read the log the moment the body is complete: the record must be there.
+        records = {rec["request_id"]: rec for rec in proxy.audit_records()}
+    assert received > len(ds.PixelData)
+    assert records[request_id]["bytes_out"] == received
+    assert records[request_id]["action"] == "retrieve"
+
+
+def test_an_unwritable_audit_log_refuses_everything(
+    tmp_path: Path, jwks: object, orthanc: Orthanc, mint: Mint
+) -> None:
+    """/dev/full accepts the open and fails every write (ENOSPC): no request may reach
+    the PACS while no audit record can be written."""
+    from tests.integration.conftest import casb_config
+
+    config = casb_config(
+        tmp_path,
+        jwks.url,
+        {  # type: ignore[attr-defined]
+            "pacs": {"upstream": orthanc.dicomweb_url},
+            "research": {"upstream": orthanc.dicomweb_url},
+        },
+    )
+    config["audit"] = {"path": "/dev/full"}
+    ds = fresh_instance()
+    with CasbProxy(tmp_path, config) as px:
+        token = mint("rad9", ["radiologist"])
+        r = httpx.get(f"{px.url}/pacs/studies", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 503 and r.json()["error"] == "audit_unavailable"
+        uploader = client(px, token)
+        uploader.set_http_retry_params(retry=False)  # it would retry a 503
+        with pytest.raises(requests.HTTPError) as stored:
+            uploader.store_instances(datasets=[ds])
+        assert error_of(stored.value) == (
+            503,
+            {"error": "audit_unavailable", "message": ANY, "request_id": ANY},
+        )
+        assert "audit write failed" in px.log()
+    # The upload never reached the PACS.
+    assert orthanc.get_json(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}") == []
