@@ -5,8 +5,10 @@ by `casb proxy` / `casb run`. The only module that imports mitmproxy.
 
 Hooks: `requestheaders` decides before any body is forwarded (a refusal is answered by
 us; an allowed request is rewritten to the destination's upstream); `responseheaders`
-streams allowed responses through, counting bytes; `response` and `error` write the
-request's single audit record before the response completes.
+buffers small upstream responses and streams large ones through `_AuditedStream`; the
+request's single audit record is written before the response completes — by `response`
+for buffered responses and our refusals, by the stream for streamed ones, by `error`
+when the transfer failed. Every hook is wrapped by `_fail_closed`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _fail_closed(hook: _Hook) -> _Hook:
         log.error(
             "casb %s failed (request_id=%s): %s", hook.__name__, tx.request_id, type(exc).__name__
         )
-        if flow.live and hook.__name__ in ("http_connect", "requestheaders", "request"):
+        if flow.live and hook.__name__ in ("http_connect", "requestheaders"):
             tx.outcome, tx.reasons = _INTERNAL, (f"internal error: {type(exc).__name__}",)
             flow.response = _make_response(_INTERNAL, tx.request_id)
         else:
@@ -190,16 +192,6 @@ class CasbAddon:
             _rewrite(req, tx.outcome)
         else:
             _respond(flow, tx)
-
-    @_fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
-        if _META not in flow.metadata and flow.response is None:
-            # requestheaders did not run for this flow: never forward unchecked.
-            flow.response = http.Response.make(
-                500,
-                b'{"error":"internal_error","message":"request was not checked"}',
-                {"Content-Type": "application/json"},
-            )
 
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
