@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -81,6 +82,23 @@ def _fail_closed(hook: _Hook) -> _Hook:
     return cast(_Hook, guarded)
 
 
+_BYTES_REPR = re.compile(r"""b(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+class _RedactRawBytes(logging.Filter):
+    """mitmproxy's connection log echoes raw protocol bytes it could not parse (e.g.
+    "Bad HTTP request line: b'GET /studies?PatientName=...'"): PHI. Redact them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "b'" in message or 'b"' in message:
+            record.msg, record.args = _BYTES_REPR.sub("b'<redacted>'", message), None
+        return True
+
+
+_REDACT = _RedactRawBytes()
+
+
 class _AuditedStream:
     """A mitmproxy response stream that counts bytes and holds back the latest chunk, so
     the audit record is written before the client has the whole body. If it cannot be
@@ -126,6 +144,7 @@ class CasbAddon:
 
     # -- lifecycle -------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
+        logging.getLogger("mitmproxy.proxy.server").addFilter(_REDACT)
         loader.add_option(
             "casb_config",
             str,

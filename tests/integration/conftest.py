@@ -60,12 +60,17 @@ def mint(signing_key: TestKey) -> Mint:
 
 
 def casb_config(
-    workdir: Path, jwks_url: str, destinations: dict[str, Any], **extra: Any
+    workdir: Path, jwks_url: str, upstream: str, *, pacs: dict[str, Any] | None = None, **extra: Any
 ) -> dict[str, Any]:
+    """A production casb.yaml for tests: `pacs` and `research` (the destinations
+    policies/hospital.yaml names) both lead to `upstream`."""
     return {
         "environment": "production",
         "state_dir": str(workdir),
-        "destinations": destinations,
+        "destinations": {
+            "pacs": {"upstream": upstream, "route": "/pacs", **(pacs or {})},
+            "research": {"upstream": upstream, "route": "/research"},
+        },
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": jwks_url},
         "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
         "audit": {"path": str(workdir / "audit.jsonl")},
@@ -84,13 +89,6 @@ def proxy(
     tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc, jwks: JwksServer
 ) -> Iterator[CasbProxy]:
     workdir = tmp_path_factory.mktemp("casb")
-    config = casb_config(
-        workdir,
-        jwks.url,
-        {
-            "pacs": {"upstream": orthanc.dicomweb_url, "route": "/pacs"},
-            "research": {"upstream": orthanc.dicomweb_url, "route": "/research"},
-        },
-    )
+    config = casb_config(workdir, jwks.url, orthanc.dicomweb_url)
     with CasbProxy(workdir, config, forward=True) as server:
         yield server

@@ -20,7 +20,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.integration.conftest import Mint
+from tests.integration.conftest import Mint, casb_config
+from tests.jwks_server import JwksServer
 from tests.support.orthanc import Orthanc
 from tests.support.proxy import CasbProxy
 
@@ -185,28 +186,18 @@ def test_forward_mode_reaches_only_destinations(
         assert r.status_code == 403
 
 
-def test_client_token_is_not_forwarded_upstream(tmp_path: Path, jwks: object, mint: Mint) -> None:
+def test_client_token_is_not_forwarded_upstream(
+    tmp_path: Path, jwks: JwksServer, mint: Mint
+) -> None:
     """An Orthanc that requires its own Basic credential: casb replaces the client's JWT
     with it, and a client cannot get in without casb's credential."""
-    from tests.integration.conftest import casb_config
 
     secret = tmp_path / "pacs-password"
     secret.write_text("s3cret-" + uuid.uuid4().hex)
     with Orthanc(tmp_path / "orthanc", users={"casb": secret.read_text()}) as pacs:
+        auth = {"type": "basic", "username": "casb", "password_file": str(secret)}
         config = casb_config(
-            tmp_path / "casb",
-            jwks.url,
-            {  # type: ignore[attr-defined]
-                "pacs": {
-                    "upstream": pacs.dicomweb_url,
-                    "upstream_auth": {
-                        "type": "basic",
-                        "username": "casb",
-                        "password_file": str(secret),
-                    },
-                },
-                "research": {"upstream": pacs.dicomweb_url},
-            },
+            tmp_path / "casb", jwks.url, pacs.dicomweb_url, pacs={"upstream_auth": auth}
         )
         with CasbProxy(tmp_path / "casb", config) as px:
             token = mint("rad5", ["radiologist"])
@@ -219,20 +210,12 @@ def test_client_token_is_not_forwarded_upstream(tmp_path: Path, jwks: object, mi
 
 
 def test_upstream_down_gives_502_and_an_audit_record(
-    tmp_path: Path, jwks: object, mint: Mint
+    tmp_path: Path, jwks: JwksServer, mint: Mint
 ) -> None:
-    from tests.integration.conftest import casb_config
     from tests.support.processes import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
-    config = casb_config(
-        tmp_path,
-        jwks.url,
-        {  # type: ignore[attr-defined]
-            "pacs": {"upstream": dead},
-            "research": {"upstream": dead},
-        },
-    )
+    config = casb_config(tmp_path, jwks.url, dead)
     with CasbProxy(tmp_path, config) as px:
         r = httpx.get(
             f"{px.url}/pacs/studies",
@@ -246,18 +229,10 @@ def test_upstream_down_gives_502_and_an_audit_record(
 
 
 def test_every_request_is_audited_and_the_chain_verifies(
-    tmp_path: Path, jwks: object, orthanc: Orthanc, mint: Mint
+    tmp_path: Path, jwks: JwksServer, orthanc: Orthanc, mint: Mint
 ) -> None:
-    from tests.integration.conftest import casb_config
 
-    config = casb_config(
-        tmp_path,
-        jwks.url,
-        {  # type: ignore[attr-defined]
-            "pacs": {"upstream": orthanc.dicomweb_url},
-            "research": {"upstream": orthanc.dicomweb_url},
-        },
-    )
+    config = casb_config(tmp_path, jwks.url, orthanc.dicomweb_url)
     sentinel = "Sentinel^Zebulon" + uuid.uuid4().hex[:6]
     ds = fresh_instance(patient_name=sentinel)
     with CasbProxy(tmp_path, config) as px:
@@ -364,20 +339,12 @@ def test_large_responses_stream_and_are_audited_before_they_complete(
 
 
 def test_an_unwritable_audit_log_refuses_everything(
-    tmp_path: Path, jwks: object, orthanc: Orthanc, mint: Mint
+    tmp_path: Path, jwks: JwksServer, orthanc: Orthanc, mint: Mint
 ) -> None:
     """/dev/full accepts the open and fails every write (ENOSPC): no request may reach
     the PACS while no audit record can be written."""
-    from tests.integration.conftest import casb_config
 
-    config = casb_config(
-        tmp_path,
-        jwks.url,
-        {  # type: ignore[attr-defined]
-            "pacs": {"upstream": orthanc.dicomweb_url},
-            "research": {"upstream": orthanc.dicomweb_url},
-        },
-    )
+    config = casb_config(tmp_path, jwks.url, orthanc.dicomweb_url)
     config["audit"] = {"path": "/dev/full"}
     ds = fresh_instance()
     with CasbProxy(tmp_path, config) as px:
@@ -395,3 +362,34 @@ def test_an_unwritable_audit_log_refuses_everything(
         assert "audit write failed" in px.log()
     # The upload never reached the PACS.
     assert orthanc.get_json(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}") == []
+
+
+def test_malformed_requests_get_400_and_leave_no_phi_in_the_log(proxy: CasbProxy) -> None:
+    """Requests mitmproxy itself cannot parse: a 400, the proxy keeps serving, and the
+    raw bytes it echoes into its log are redacted."""
+    import socket
+
+    sentinel = "Sentinel" + uuid.uuid4().hex[:8]
+
+    def send(raw: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(raw.encode())
+            return sock.recv(4096).split(b"\r\n", 1)[0]
+
+    for raw in (
+        f"GARBAGE /pacs/studies?PatientName={sentinel}\r\n\r\n",
+        f"GET /pacs/studies?PatientName={sentinel}\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        status_line = send(raw)
+        assert status_line.startswith(b"HTTP/1.1 400"), (raw, status_line)
+    # Smuggling-shaped framing (Content-Length and a broken chunked body): never a 2xx;
+    # mitmproxy may answer 4xx or drop the connection.
+    status_line = send(
+        f"POST /pacs/studies?PatientName={sentinel} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    assert status_line == b"" or status_line.startswith(b"HTTP/1.1 4"), status_line
+    assert httpx.get(f"{proxy.url}/pacs/studies").status_code == 401  # still serving
+    log = proxy.log()
+    assert sentinel not in log
+    assert sentinel not in proxy.audit_path.read_text()
