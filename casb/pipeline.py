@@ -43,9 +43,6 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 # Obligations the enforcement side can carry out. A decision that carries any other
 # obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
 ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset()
-# Headers never sent upstream: our own credential handling decides Authorization, and
-# a protocol upgrade (WebSocket, h2c) would carry traffic past every check.
-_ALWAYS_REMOVED = ("Proxy-Authorization", "Upgrade")
 
 
 class _Refused(Exception):
@@ -65,7 +62,6 @@ class Pipeline:
         router: Router,
         audit: AuditLog | None,
     ) -> None:
-        self.settings = settings
         self.verifier = verifier
         self.policy = policy  # replaced atomically on reload
         self.router = router
@@ -174,20 +170,13 @@ class Pipeline:
     def _forward(
         self, route: Route, rest: tuple[str, ...], query: tuple[tuple[str, str], ...]
     ) -> Forward:
-        target = encode_target((*route.base, *rest), strip_query_token(query))
-        set_headers: list[tuple[str, str]] = [("Host", route.host_header)]
-        remove: list[str] = list(_ALWAYS_REMOVED)
-        if route.upstream_authorization is not None:
-            set_headers.append(("Authorization", route.upstream_authorization))
-        elif not route.passthrough_auth:
-            remove.append("Authorization")
         return Forward(
             scheme=route.scheme,
             host=route.host,
             port=route.port,
-            target=target,
-            set_headers=tuple(set_headers),
-            remove_headers=tuple(remove),
+            target=encode_target((*route.base, *rest), strip_query_token(query)),
+            set_headers=route.set_headers,
+            remove_headers=route.remove_headers,
         )
 
     def refuse_connect(self, method: str, client_ip: str) -> Transaction:

@@ -26,13 +26,10 @@ class Route:
     host: str
     port: int
     base: tuple[str, ...]  # upstream base path segments
-    upstream_authorization: str | None  # Authorization value to send upstream, if replaced
-    passthrough_auth: bool  # forward the client's own Authorization header
-
-    @property
-    def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+    # What every request forwarded here gets, decided once from the config.
+    set_headers: tuple[tuple[str, str], ...]  # Host, and the upstream credential if replaced
+    remove_headers: tuple[str, ...]  # never forwarded (incl. the client's token unless
+    #                                   the destination passes it through)
 
 
 class Router:
@@ -70,23 +67,34 @@ class Router:
         return any((r.host, r.port) == (host, port) for r in self.routes)
 
 
+# Headers never sent upstream: our own credential handling decides Authorization, and
+# a protocol upgrade (WebSocket, h2c) would carry traffic past every check.
+_ALWAYS_REMOVED = ("Proxy-Authorization", "Upgrade")
+
+
 def _build_route(name: str, dest: Destination, route: str) -> Route:
     parts = urlsplit(dest.upstream)
     scheme = parts.scheme
     host = (parts.hostname or "").lower()
     port = parts.port or (443 if scheme == "https" else 80)
-    base = tuple(s for s in parts.path.split("/") if s)
-    prefix = tuple(s for s in route.split("/") if s)
+    default_port = 443 if scheme == "https" else 80
+    set_headers = [("Host", host if port == default_port else f"{host}:{port}")]
+    remove = list(_ALWAYS_REMOVED)
+    authorization = _upstream_authorization(name, dest.upstream_auth)
+    if authorization is not None:
+        set_headers.append(("Authorization", authorization))
+    elif dest.upstream_auth.type != "passthrough":
+        remove.append("Authorization")
     return Route(
         name=name,
         destination=dest,
-        prefix=prefix,
+        prefix=tuple(s for s in route.split("/") if s),
         scheme=scheme,
         host=host,
         port=port,
-        base=base,
-        upstream_authorization=_upstream_authorization(name, dest.upstream_auth),
-        passthrough_auth=dest.upstream_auth.type == "passthrough",
+        base=tuple(s for s in parts.path.split("/") if s),
+        set_headers=tuple(set_headers),
+        remove_headers=tuple(remove),
     )
 
 

@@ -37,13 +37,15 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="casb admin", version=__version__)
     pipeline = runtime.pipeline
     admin_roles = frozenset(runtime.settings.admin.roles)
+    assert runtime.settings.identity is not None  # Runtime.build fills in dev identity
+    max_token = runtime.settings.identity.max_token_bytes
 
     async def admin_principal(
         authorization: Annotated[str | None, Header()] = None,
     ) -> Principal:
         headers = [("Authorization", authorization)] if authorization is not None else []
         try:
-            token, _ = extract_token(headers, (), allow_query=False, max_bytes=16384)
+            token, _ = extract_token(headers, (), allow_query=False, max_bytes=max_token)
             principal = await pipeline.verifier.verify(token)
         except AuthenticationError as exc:
             raise HTTPException(
