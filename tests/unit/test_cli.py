@@ -29,6 +29,10 @@ audit: {{path: {tmp_path / "audit.jsonl"}}}
     return cfg
 
 
+def explain(config: Path, *args: str) -> int:
+    return main(["policy", "explain", "--config", str(config), *args])
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -107,84 +111,36 @@ def test_bad_config_exits_2_naming_file_and_field(
 def test_explain_prints_the_audited_decision(
     dev_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "policy",
-            "explain",
-            "--config",
-            str(dev_config),
-            "--url",
-            "/pacs/studies?PatientName=Doe",
-            "--role",
-            "radiologist",
-            "--exit-code",
-        ]
+    code = explain(
+        dev_config, "--url", "/pacs/studies?PatientName=Doe", "--role", "radiologist", "--exit-code"
     )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert out["decision"] == "allow" and out["rule_id"] == "radiologist-read"
     assert out["query_keys"] == ["PatientName"] and "Doe" not in json.dumps(out)
-    code = main(
-        [
-            "policy",
-            "explain",
-            "--config",
-            str(dev_config),
-            "--method",
-            "POST",
-            "--url",
-            "/pacs/studies",
-            "--role",
-            "referring_physician",
-            "--exit-code",
-        ]
+    code = explain(
+        dev_config,
+        "--method",
+        "POST",
+        "--url",
+        "/pacs/studies",
+        "--role",
+        "referring_physician",
+        "--exit-code",
     )
     assert code == 1
     assert json.loads(capsys.readouterr().out)["status"] == 403
 
 
 def test_explain_verifies_a_token(dev_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            ["token", "mint", "--config", str(dev_config), "--sub", "zoe", "--role", "technologist"]
-        )
-        == 0
-    )
+    mint = ["token", "mint", "--config", str(dev_config), "--sub", "zoe", "--role", "technologist"]
+    assert main(mint) == 0
     token = capsys.readouterr().out.strip()
-    assert (
-        main(
-            [
-                "policy",
-                "explain",
-                "--config",
-                str(dev_config),
-                "--method",
-                "POST",
-                "--url",
-                "/pacs/studies",
-                "--token",
-                token,
-            ]
-        )
-        == 0
-    )
+    assert explain(dev_config, "--method", "POST", "--url", "/pacs/studies", "--token", token) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["principal"]["sub"] == "zoe" and out["rule_id"] == "technologist-store"
-    assert (
-        main(
-            [
-                "policy",
-                "explain",
-                "--config",
-                str(dev_config),
-                "--url",
-                "/pacs/studies",
-                "--token",
-                token[:-4] + "AAAA",
-            ]
-        )
-        == 2
-    )
+    forged = token[:-4] + "AAAA"
+    assert explain(dev_config, "--url", "/pacs/studies", "--token", forged) == 2
     assert "signature" in capsys.readouterr().err
 
 
