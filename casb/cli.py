@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
+
+    from casb.dlp.cli import add_dlp_commands
+
+    add_dlp_commands(sub)
     return parser
 
 
