@@ -408,6 +408,8 @@ def write_casb_config(workdir: Path, upstream: int, jwks_path: Path) -> tuple[Pa
     import yaml
 
     audit = workdir / "audit.jsonl"
+    uid_key = workdir / "dlp-uid.key"  # hospital.yaml's research profiles de-identify
+    uid_key.write_text("bench-only-uid-key-0123456789abcdef")
     base = f"http://127.0.0.1:{upstream}/dicom-web"
     config = {
         "environment": "production",
@@ -421,6 +423,7 @@ def write_casb_config(workdir: Path, upstream: int, jwks_path: Path) -> tuple[Pa
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_file": str(jwks_path)},
         "policy": {"paths": [str(POLICY)]},
         "audit": {"path": str(audit)},
+        "dlp": {"uid_key_file": str(uid_key)},
     }
     path = workdir / "casb.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -203,6 +203,18 @@ class LimitSettings(_Model):
     max_body_bytes: int = Field(2 * 1024**3, ge=1024)
 
 
+class DlpConfig(_Model):
+    # Secret for the keyed hash that replaces UIDs when de-identifying: every replica must
+    # share it, so a series stays a series across requests and replicas. Production needs
+    # one of the two when a policy de-identifies; dev generates one under state_dir.
+    uid_key_file: Path | None = None
+    uid_key_env: str | None = None
+    # Largest DICOM header (everything before Pixel Data) buffered per instance.
+    max_header_bytes: int = Field(16 * 1024**2, ge=4096)
+    # Largest QIDO-RS / WADO-RS metadata (JSON) response held in memory to be masked.
+    max_json_bytes: int = Field(64 * 1024**2, ge=4096)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CASB_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -220,6 +232,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     state: StateSettings = StateSettings()
     limits: LimitSettings = LimitSettings()
+    dlp: DlpConfig = DlpConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -276,6 +289,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     fix(data, "state_dir")
     fix(data.get("identity"), "jwks_file")
     fix(data.get("audit"), "path")
+    fix(data.get("dlp"), "uid_key_file")
     pol = data.get("policy")
     if isinstance(pol, dict) and isinstance(pol.get("paths"), list):
         pol["paths"] = [

@@ -11,6 +11,8 @@ from time import monotonic
 from typing import Literal
 
 from casb.context import Action, Principal, Resource
+from casb.dlp.findings import Finding
+from casb.dlp.plan import DlpPlan
 from casb.policy.decision import Decision
 
 
@@ -36,6 +38,7 @@ class Forward:
     target: str  # canonical path + query
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
+    dlp: DlpPlan | None = None  # DLP work on the body (request) or the response
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,24 @@ class Transaction:
     outcome: Forward | Refusal | None = None
     reasons: tuple[str, ...] = ()  # why a refusal happened before the policy decided
     finished: bool = False
+    dlp: DlpReport | None = None  # what DLP found and did, for the audit record
 
     @property
     def allowed(self) -> bool:
         return isinstance(self.outcome, Forward)
+
+
+@dataclass(slots=True)
+class DlpReport:
+    """DLP's part of the audit record: counts, findings (never values), errors."""
+
+    profile: str
+    direction: str
+    instances: int = 0
+    forwarded: int = 0
+    blocked: int = 0
+    deidentified: int = 0
+    failed: int = 0  # instances DLP could not read (refused)
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    recorded: bool = False  # a stream's outcome has been copied in

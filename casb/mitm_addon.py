@@ -26,7 +26,10 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from casb.audit import AuditError
 from casb.config import ConfigError, load_settings
-from casb.exchange import Forward, IncomingRequest, Refusal, Transaction
+from casb.dlp.enforce import mask_json_body, record_stream, response_kind, upload_answer
+from casb.dlp.findings import InstanceError
+from casb.dlp.plan import DlpPlan, DlpUnavailable
+from casb.exchange import DlpReport, Forward, IncomingRequest, Refusal, Transaction
 from casb.pipeline import new_transaction
 from casb.policy import PolicyLoadError
 from casb.responses import REQUEST_ID_HEADER, error_body, error_headers
@@ -34,6 +37,9 @@ from casb.runtime import Runtime
 
 log = logging.getLogger("casb")
 _META = "casb"
+_UPLOAD = "casb.upload"  # the MultipartDicomStream inspecting a request body
+_MASKED = "casb.masked"  # the response body is JSON to be masked in `response`
+_ERROR = "casb.error"  # error code of a refusal made after the request was forwarded
 
 
 _INTERNAL = Refusal(
@@ -99,15 +105,89 @@ class _RedactRawBytes(logging.Filter):
 _REDACT = _RedactRawBytes()
 
 
+class _Transform:
+    """What `_AuditedStream` runs the body through: chunks in, chunks out (b"" = end);
+    `failure` says, at the end, why the body must not be completed."""
+
+    failure: str | None = None
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        return [data] if data else []
+
+
+class _Swallow(_Transform):
+    """Discard the upstream body and send ours instead (a refusal decided after the
+    upstream answered: its headers are replaced, its body never reaches the client)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        return [] if data else [self.body]
+
+
+class _MaskedInstances(_Transform):
+    """WADO-RS instances de-identified in flight (multipart/related of application/dicom).
+    Instances DLP blocks or cannot read are dropped; a broken body cuts the flow."""
+
+    def __init__(self, stream: Any, tx: Transaction) -> None:
+        self.stream, self.tx = stream, tx
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = self.stream(data)
+        if not data:
+            assert self.tx.dlp is not None
+            record_stream(self.tx.dlp, self.stream)
+            self.failure = self.stream.fatal
+        return out
+
+
+class _MaskedInstance(_Transform):
+    """One application/dicom instance de-identified in flight. The headers are already
+    sent, so an instance that must not pass cuts the flow."""
+
+    def __init__(self, stream: Any, tx: Transaction) -> None:
+        self.stream, self.tx = stream, tx
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if data:
+            return list(self.stream.feed(data))
+        out = list(self.stream.finish())
+        report = self.tx.dlp
+        assert report is not None
+        report.instances += 1
+        verdict = self.stream.verdict
+        report.findings.extend((*(verdict.findings if verdict else ()), *self.stream.findings))
+        if self.stream.error is not None:
+            report.failed += 1
+            report.errors.append(self.stream.error)
+            self.failure = self.stream.error
+        elif verdict is None or verdict.action == "block":
+            report.blocked += 1
+            self.failure = "the instance is blocked by the DLP profile"
+        else:
+            report.deidentified += verdict.action == "deidentified"
+            report.forwarded += 1
+        return out
+
+
 class _AuditedStream:
     """A mitmproxy response stream that counts bytes and holds back the latest chunk, so
     the audit record is written before the client has the whole body. If it cannot be
-    written, the last chunk is never released and the flow is cut."""
+    written, the last chunk is never released and the flow is cut. An inner transform
+    (DLP) rewrites the body on the way; if it fails, the flow is cut as well."""
 
-    __slots__ = ("addon", "count", "flow", "held", "tx")
+    __slots__ = ("addon", "count", "flow", "held", "inner", "tx")
 
-    def __init__(self, addon: CasbAddon, flow: http.HTTPFlow, tx: Transaction) -> None:
+    def __init__(
+        self,
+        addon: CasbAddon,
+        flow: http.HTTPFlow,
+        tx: Transaction,
+        inner: _Transform | None = None,
+    ) -> None:
         self.addon, self.flow, self.tx = addon, flow, tx
+        self.inner = inner
         self.count = 0
         self.held = b""
 
@@ -115,10 +195,56 @@ class _AuditedStream:
         if self.tx.finished:  # mitmproxy sent data after the end: pass it on
             self.count += len(data)
             return [data] if data else []
+        if self.inner is not None:
+            try:
+                chunks = self.inner(data)
+            except Exception as exc:  # never let a transform forward what it did not check
+                log.error(
+                    "casb response transform failed (request_id=%s): %s",
+                    self.tx.request_id,
+                    type(exc).__name__,
+                )
+                self.inner.failure = f"internal error: {type(exc).__name__}"
+                chunks = []
+                data = b""
+            if data:
+                return self._hold(chunks)
+            self._hold(chunks)  # flushed at the end
+            if self.inner.failure is not None:
+                self._cut(self.inner.failure)
+                return []
+            return self._end()
         if data:
-            self.count += len(data)
-            out, self.held = self.held, data
-            return [out] if out else []
+            return self._hold([data])
+        return self._end()
+
+    def _hold(self, chunks: list[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            self.count += len(chunk)
+            if self.held:
+                out.append(self.held)
+            self.held = chunk
+        return out
+
+    def _cut(self, reason: str) -> None:
+        """The body must not be completed: audit why and cut the connection."""
+        assert self.flow.response is not None
+        self.held = b""
+        self.addon._finish(
+            self.flow,
+            self.tx,
+            status=502,
+            bytes_out=self.count,
+            streamed=True,
+            error="response_blocked",
+            reason=reason,
+        )
+        self.flow.kill()
+
+    def _end(self) -> list[bytes]:
         # End of the body: audit, then release the last chunk.
         assert self.flow.response is not None
         if not self.addon._finish(
@@ -207,10 +333,60 @@ class CasbAddon:
         )
         tx = await self.runtime.pipeline.decide(incoming)
         flow.metadata[_META] = tx
-        if isinstance(tx.outcome, Forward):
-            _rewrite(req, tx.outcome)
-        else:
+        if not isinstance(tx.outcome, Forward):
             _respond(flow, tx)
+            return
+        _rewrite(req, tx.outcome)
+        plan = tx.outcome.dlp
+        if plan is not None:
+            # DLP reads bodies as sent: ask the upstream for uncompressed answers.
+            req.headers.pop("accept-encoding", None)
+            tx.dlp = DlpReport(profile=plan.profile, direction=plan.direction)
+            if plan.direction == "request":
+                self._inspect_upload(flow, tx, plan)
+
+    def _inspect_upload(self, flow: http.HTTPFlow, tx: Transaction, plan: DlpPlan) -> None:
+        """Stream the upload through DLP: each instance's header is inspected before it
+        is forwarded; blocked instances never reach the upstream."""
+        from casb.dlp.multipart_stream import MultipartDicomStream
+
+        req = flow.request
+        try:
+            stream = MultipartDicomStream(
+                req.headers.get("content-type", ""),
+                plan.inspector(),
+                max_header_bytes=plan.max_header_bytes,
+                max_json_bytes=plan.max_json_bytes,
+                mode="request",
+            )
+        except ValueError as exc:
+            _refuse(flow, tx, Refusal(400, "bad_request", str(exc)))
+            return
+        except DlpUnavailable as exc:
+            _refuse(flow, tx, Refusal(503, "dlp_unavailable", str(exc)))
+            return
+        flow.metadata[_UPLOAD] = stream
+        # The body changes (instances dropped or rewritten): forward it chunked.
+        req.headers.pop("content-length", None)
+        req.headers["transfer-encoding"] = "chunked"
+        req.stream = stream
+
+    @_fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The whole request body has been received (and, for uploads, streamed)."""
+        stream = flow.metadata.get(_UPLOAD)
+        if stream is None or flow.response is not None:
+            return
+        if not stream.ended and flow.request.raw_content is not None:
+            # mitmproxy streams only bodies that arrive after the headers; an empty or
+            # buffered body goes through the same inspection here.
+            body = b"".join([*stream(flow.request.raw_content or b""), *stream(b"")])
+            del flow.request.headers["transfer-encoding"]
+            flow.request.headers["content-length"] = str(len(body))
+            flow.request.raw_content = body
+        # A body that broke after bytes went upstream ends there, without the multipart
+        # close delimiter: the upstream sees an unterminated multipart (Orthanc stores
+        # none of it) and the client gets a 400 with the reason (`_apply_dlp`).
 
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -220,16 +396,78 @@ class CasbAddon:
         flow.response.headers[REQUEST_ID_HEADER] = tx.request_id
         if not tx.allowed:
             return
+        assert isinstance(tx.outcome, Forward)
+        plan = tx.outcome.dlp
         length = flow.response.headers.get("content-length", "")
+        if plan is not None and plan.direction == "request":
+            return  # the STOW-RS answer: buffered, merged with DLP's failures in `response`
+        if plan is not None and 200 <= flow.response.status_code < 300:
+            self._mask_response(flow, tx, plan, length)
+            return
         if length.isdigit() and int(length) <= self._buffer_limit:
             return  # small: buffered, audited in `response` before a byte is sent
         flow.response.stream = _AuditedStream(self, flow, tx)
+
+    def _mask_response(
+        self, flow: http.HTTPFlow, tx: Transaction, plan: DlpPlan, length: str
+    ) -> None:
+        """De-identify what the upstream returns before the client sees it."""
+        resp = flow.response
+        assert resp is not None
+        ctype = resp.headers.get("content-type", "")
+        kind = response_kind(ctype)
+        encoding = resp.headers.get("content-encoding", "").strip().lower()
+        if kind == "json":
+            if length.isdigit() and int(length) > plan.max_json_bytes:
+                self._replace_streamed(flow, tx, "the response is too large to de-identify")
+            else:
+                flow.metadata[_MASKED] = plan  # buffered; masked in `response`
+            return
+        if encoding not in ("", "identity") or kind == "unmaskable":
+            what = f"{encoding}-encoded" if kind != "unmaskable" else repr(ctype.split(";")[0])
+            self._replace_streamed(flow, tx, f"a {what} response cannot be de-identified")
+            return
+        from casb.dlp.instance_stream import InstanceStream
+        from casb.dlp.multipart_stream import MultipartDicomStream
+
+        inspector = plan.inspector()
+        inner: _Transform
+        if kind == "multipart":
+            try:
+                stream = MultipartDicomStream(
+                    ctype,
+                    inspector,
+                    max_header_bytes=plan.max_header_bytes,
+                    max_json_bytes=plan.max_json_bytes,
+                    mode="response",
+                )
+            except ValueError as exc:
+                self._replace_streamed(flow, tx, f"the response cannot be read: {exc}")
+                return
+            inner = _MaskedInstances(stream, tx)
+        else:
+            inner = _MaskedInstance(
+                InstanceStream(inspector.inspect, max_header_bytes=plan.max_header_bytes), tx
+            )
+        resp.headers.pop("content-length", None)
+        resp.headers["transfer-encoding"] = "chunked"
+        resp.stream = _AuditedStream(self, flow, tx, inner)
+
+    def _replace_streamed(self, flow: http.HTTPFlow, tx: Transaction, reason: str) -> None:
+        """Answer 502 instead of an upstream response whose body is still to come."""
+        tx.reasons = (*tx.reasons, reason)
+        refusal = Refusal(502, "response_blocked", reason)
+        flow.response = _make_response(refusal, tx.request_id)
+        body = flow.response.content or b""
+        flow.response.stream = _AuditedStream(self, flow, tx, _Swallow(body))
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         tx = flow.metadata.get(_META)
         if not isinstance(tx, Transaction) or flow.response is None or tx.finished:
             return
+        if tx.allowed and tx.dlp is not None:
+            self._apply_dlp(flow, tx)
         # Refusals we made, and small buffered upstream responses (streamed ones are
         # audited by their stream).
         self._finish(
@@ -238,6 +476,7 @@ class CasbAddon:
             status=flow.response.status_code,
             bytes_out=len(flow.response.raw_content or b""),
             streamed=False,
+            error=flow.metadata.get(_ERROR),
         )
 
     @_fail_closed
@@ -266,6 +505,48 @@ class CasbAddon:
             error=code,
         )
 
+    def _apply_dlp(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """Buffered responses: the STOW-RS answer after an inspected upload, or JSON to
+        mask. Whatever cannot be done is refused, never passed on unchecked."""
+        resp = flow.response
+        assert resp is not None and tx.dlp is not None
+        stream = flow.metadata.get(_UPLOAD)
+        if stream is not None:
+            record_stream(tx.dlp, stream)
+            if stream.fatal is not None:
+                reason = f"the upload could not be inspected: {stream.fatal}"
+                if stream.open_part_forwarded:
+                    reason += (
+                        "; the upstream received it unterminated (no multipart close "
+                        "delimiter), so it must not store any of it"
+                    )
+                _refuse(flow, tx, Refusal(400, "bad_request", reason), forwarded=True)
+                return
+            answer = upload_answer(
+                stream, resp.status_code, resp.content or b"", resp.headers.get("content-type", "")
+            )
+            if answer is not None:
+                status, body = answer
+                resp.status_code = status
+                resp.headers.pop("content-encoding", None)
+                resp.headers["content-type"] = "application/dicom+json"
+                resp.content = body
+            return
+        plan = flow.metadata.get(_MASKED)
+        if plan is None:
+            return
+        body = resp.content or b""
+        try:
+            if len(body) > plan.max_json_bytes:
+                raise InstanceError("the response is too large to de-identify")
+            masked = mask_json_body(plan, body, tx.dlp)
+        except InstanceError as exc:
+            tx.dlp.errors.append(exc.reason)
+            _refuse(flow, tx, Refusal(502, "response_blocked", exc.reason), forwarded=True)
+            return
+        resp.headers.pop("content-encoding", None)
+        resp.content = masked
+
     # -- helpers ---------------------------------------------------------------------
     def _finish(
         self,
@@ -276,13 +557,19 @@ class CasbAddon:
         bytes_out: int,
         streamed: bool,
         error: str | None = None,
+        reason: str | None = None,
     ) -> bool:
         """Write the audit record; False (and the response withheld) if it cannot be."""
         assert self.runtime is not None
-        raw_in = flow.request.raw_content
+        upload = flow.metadata.get(_UPLOAD)
+        bytes_in = upload.bytes_in if upload is not None else len(flow.request.raw_content or b"")
+        if reason is not None:
+            tx.reasons = (*tx.reasons, reason)
+        if tx.dlp is not None and upload is not None:
+            record_stream(tx.dlp, upload)  # once; e.g. the flow failed before `response`
         try:
             self.runtime.pipeline.finish(
-                tx, status=status, bytes_in=len(raw_in or b""), bytes_out=bytes_out, error=error
+                tx, status=status, bytes_in=bytes_in, bytes_out=bytes_out, error=error
             )
             return True
         except AuditError as exc:
@@ -331,6 +618,20 @@ def _make_response(refusal: Refusal, request_id: str) -> http.Response:
 def _respond(flow: http.HTTPFlow, tx: Transaction) -> None:
     assert isinstance(tx.outcome, Refusal)
     flow.response = _make_response(tx.outcome, tx.request_id)
+
+
+def _refuse(
+    flow: http.HTTPFlow, tx: Transaction, refusal: Refusal, *, forwarded: bool = False
+) -> None:
+    """Answer with a refusal decided by enforcement after the policy allowed. With
+    `forwarded`, the request did reach the upstream (the audit says so: the outcome
+    stays a Forward, the refusal is the error code and reason)."""
+    tx.reasons = (*tx.reasons, refusal.message)
+    if forwarded:
+        flow.metadata[_ERROR] = refusal.code
+    else:
+        tx.outcome = refusal
+    flow.response = _make_response(refusal, tx.request_id)
 
 
 __all__ = ["CasbAddon"]

@@ -27,7 +27,8 @@ from casb.classify import (
     normalize_target,
 )
 from casb.config import Settings
-from casb.context import Principal, RequestFacts
+from casb.context import Action, Principal, RequestFacts
+from casb.dlp.plan import DlpInspectors, DlpPlan
 from casb.exchange import Forward, IncomingRequest, Refusal, Transaction
 from casb.identity import (
     AuthenticationError,
@@ -37,12 +38,21 @@ from casb.identity import (
     strip_query_token,
 )
 from casb.policy import CompiledPolicy
+from casb.policy.decision import Decision
+from casb.policy.loader import DLP_OBLIGATIONS
 from casb.routing import Route, Router
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 # Obligations the enforcement side can carry out. A decision that carries any other
 # obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
-ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset()
+ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset(DLP_OBLIGATIONS)
+# Response masking de-identifies DICOM; these retrievals return pixels or raw bulk data,
+# which it cannot clean: with a `mask` obligation they are refused.
+_UNMASKABLE_ROUTE_PARTS = ("/rendered", "/thumbnail", "/frames/", "/bulk/", "/bulkdata/")
+_MASKED_ACTIONS = frozenset(
+    {Action.SEARCH, Action.RETRIEVE, Action.RETRIEVE_METADATA, Action.WORKLIST}
+)
+_STOW_TYPES = ("multipart/related",)
 
 
 class _Refused(Exception):
@@ -61,6 +71,7 @@ class Pipeline:
         policy: CompiledPolicy,
         router: Router,
         audit: AuditLog | None,
+        uid_key: bytes | None = None,
     ) -> None:
         self.verifier = verifier
         self.policy = policy  # replaced atomically on reload
@@ -70,6 +81,19 @@ class Pipeline:
         assert settings.identity is not None, "runtime fills in dev identity settings"
         self._allow_query_token = settings.identity.allow_query_token
         self._max_token = settings.identity.max_token_bytes
+        self._dlp_config = settings.dlp
+        self._uid_key = uid_key
+        self._dlp: tuple[CompiledPolicy, DlpInspectors] | None = None
+
+    def inspectors(self) -> DlpInspectors:
+        """The DLP inspectors of the current policy (rebuilt when the policy changes)."""
+        policy, cached = self.policy, self._dlp
+        if cached is None or cached[0] is not policy:
+            cached = self._dlp = (
+                policy,
+                DlpInspectors(policy.dlp, self._dlp_config, self._uid_key),
+            )
+        return cached[1]
 
     async def decide(self, req: IncomingRequest) -> Transaction:
         tx = new_transaction(req.method, req.client_ip)
@@ -84,9 +108,12 @@ class Pipeline:
             raise _Refused(Refusal(503, "audit_unavailable", reason), reason)
         target, tx.method = self.parse(req.method, req.target, req.headers)
         tx.principal = await self._authenticate(req, target.query)
-        return self.authorize(
+        outcome = self.authorize(
             tx, target, mode=req.mode, scheme=req.scheme, host=req.host, port=req.port
         )
+        if isinstance(outcome, Forward) and outcome.dlp is not None:
+            _check_inspectable(outcome.dlp, req.headers)
+        return outcome
 
     def parse(
         self, method: str, raw_target: str, headers: Sequence[tuple[str, str]]
@@ -138,7 +165,25 @@ class Pipeline:
                 "proxy cannot enforce; refused rather than forwarded unprotected"
             )
             raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
-        return self._forward(route, rest, target.query)
+        return self._forward(route, rest, target.query, self._dlp_plan(classification, decision))
+
+    def _dlp_plan(self, classification: Classification, decision: Decision) -> DlpPlan | None:
+        """`dlp` inspects uploads; `mask` de-identifies what reads return."""
+        action = classification.action
+        upload = decision.obligations.get("dlp")
+        if upload is not None and action == Action.STORE:
+            return DlpPlan("request", str(upload), self.inspectors())
+        mask = decision.obligations.get("mask")
+        if mask is None or action not in _MASKED_ACTIONS:
+            return None
+        route = classification.resource.route
+        if any(part in route for part in _UNMASKABLE_ROUTE_PARTS):
+            reason = (
+                f"the policy requires masking (profile '{mask}'), and rendered images, "
+                "thumbnails, frames and bulk data cannot be de-identified; refused"
+            )
+            raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
+        return DlpPlan("response", str(mask), self.inspectors())
 
     async def _authenticate(
         self, req: IncomingRequest, query: Sequence[tuple[str, str]]
@@ -168,7 +213,11 @@ class Pipeline:
         return classify_dicomweb(method, rest, query, route.name)
 
     def _forward(
-        self, route: Route, rest: tuple[str, ...], query: tuple[tuple[str, str], ...]
+        self,
+        route: Route,
+        rest: tuple[str, ...],
+        query: tuple[tuple[str, str], ...],
+        dlp: DlpPlan | None = None,
     ) -> Forward:
         return Forward(
             scheme=route.scheme,
@@ -177,6 +226,7 @@ class Pipeline:
             target=encode_target((*route.base, *rest), strip_query_token(query)),
             set_headers=route.set_headers,
             remove_headers=route.remove_headers,
+            dlp=dlp,
         )
 
     def refuse_connect(self, method: str, client_ip: str) -> Transaction:
@@ -233,6 +283,32 @@ async def run_checks(tx: Transaction, checks: Awaitable[Forward | Refusal]) -> N
             500, "internal_error", "the request could not be checked, so it was not forwarded"
         )
         tx.reasons = (f"internal error: {type(exc).__name__}",)
+
+
+def _check_inspectable(plan: DlpPlan, headers: Sequence[tuple[str, str]]) -> None:
+    """An upload DLP must inspect has to be a body it can read: refuse (415) otherwise,
+    before anything is forwarded."""
+    if plan.direction != "request":
+        return
+    ctype = encoding = ""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-type":
+            ctype = value
+        elif lname == "content-encoding":
+            encoding = value.strip().lower()
+    if encoding not in ("", "identity"):
+        reason = (
+            f"uploads are inspected for PHI and a {encoding!r}-encoded body cannot be; "
+            "send it without Content-Encoding"
+        )
+        raise _Refused(Refusal(415, "unsupported_media_type", reason), reason)
+    if ctype.split(";", 1)[0].strip().lower() not in _STOW_TYPES:
+        reason = (
+            "uploads to this destination are inspected for PHI: send STOW-RS as "
+            'multipart/related; type="application/dicom" (or application/dicom+json)'
+        )
+        raise _Refused(Refusal(415, "unsupported_media_type", reason), reason)
 
 
 def _denial(step_up: bool, reasons: Sequence[str]) -> Refusal:

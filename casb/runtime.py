@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from casb.audit import AuditLog
-from casb.config import IdentitySettings, Settings
+from casb.config import ConfigError, IdentitySettings, Settings
+from casb.dlp.uid_key import load_uid_key
 from casb.identity import TokenVerifier, build_verifier
 from casb.identity.devkeys import dev_identity_settings, ensure_dev_keys
 from casb.pipeline import Pipeline
@@ -45,11 +46,19 @@ class Runtime:
         policy = load_policy_for(settings)
         router = Router(settings)
         verifier: TokenVerifier = build_verifier(settings.identity)
-        log = AuditLog(settings.audit.path) if audit else None
-        return cls(
-            settings=settings,
-            pipeline=Pipeline(settings, verifier=verifier, policy=policy, router=router, audit=log),
+        uid_key = load_uid_key(settings)
+        pipeline = Pipeline(
+            settings, verifier=verifier, policy=policy, router=router, audit=None, uid_key=uid_key
         )
+        if audit:  # the proxy: refuse to start with DLP profiles it could not run
+            missing = pipeline.inspectors().missing_key_profiles()
+            if missing:
+                raise ConfigError(
+                    f"DLP profile(s) {', '.join(missing)} de-identify, which needs a UID key "
+                    "shared by every replica: set dlp.uid_key_file or dlp.uid_key_env"
+                )
+            pipeline.audit = AuditLog(settings.audit.path)
+        return cls(settings=settings, pipeline=pipeline)
 
     async def start(self) -> None:
         await self.pipeline.verifier.start()

@@ -96,6 +96,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from casb.context import Action, Principal, RequestFacts, Resource
+from casb.dlp.profile import DlpSettings
 from casb.policy.decision import EMPTY_OBLIGATIONS, Decision
 from casb.policy.model import DAYS, Matcher, Rule, TimeWindow
 
@@ -192,6 +193,7 @@ class CompiledPolicy:
         "_uses_mfa",
         "_views",
         "_views_by_held",
+        "dlp",
         "rule_count",
         "rules",
         "sources",
@@ -210,8 +212,10 @@ class CompiledPolicy:
         *,
         version: str,
         sources: Sequence[str],
+        dlp: DlpSettings | None = None,
     ) -> None:
         self.version = version
+        self.dlp = dlp if dlp is not None else DlpSettings()
         self.sources = tuple(sources)
         self.rules = tuple(rules)
         self.rule_count = len(self.rules)

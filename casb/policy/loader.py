@@ -22,8 +22,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import ValidationError
 
+from casb.dlp.profile import DlpProfile, DlpSettings
 from casb.policy.engine import ANY, CompiledPolicy, CompiledRule, LocalClock, compile_rule
-from casb.policy.model import PolicyDocument, RoleDef
+from casb.policy.model import PolicyDocument, RoleDef, Rule
 
 __all__ = [
     "PolicyLoadError",
@@ -251,6 +252,10 @@ def compile_policy(
                         continue
                     clock = clocks[name] = LocalClock(zone)
             compiled.append(compile_rule(rule, source=source, clock=clock))
+    dlp = _merge_dlp(docs, problems)
+    for source, doc in docs:
+        for n, rule in enumerate(doc.rules):
+            problems.extend(_check_dlp_obligations(rule, dlp, f"{source}: rules[{n}]"))
     if problems:
         raise PolicyLoadError(problems)
     if version is None:
@@ -259,8 +264,59 @@ def compile_policy(
             digest.update(doc.model_dump_json(by_alias=True).encode())
         version = f"sha256:{digest.hexdigest()}"
     return CompiledPolicy(
-        compiled, closure, version=version, sources=[source for source, _ in docs]
+        compiled, closure, version=version, sources=[source for source, _ in docs], dlp=dlp
     )
+
+
+# Obligations that name a DLP profile: `dlp` (uploads are inspected with it) and `mask`
+# (responses are de-identified with it, so its profile must de-identify).
+DLP_OBLIGATIONS = ("dlp", "mask")
+
+
+def _merge_dlp(docs: Sequence[tuple[str, PolicyDocument]], problems: list[str]) -> DlpSettings:
+    """One DLP section from every file's: profiles are merged (a name is defined once);
+    a detector setting may be set by one file only."""
+    profiles: dict[str, DlpProfile] = {}
+    defined_in: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    set_in: dict[str, str] = {}
+    for source, doc in docs:
+        if doc.dlp is None:
+            continue
+        for name, profile in doc.dlp.profiles.items():
+            if name in profiles:
+                problems.append(
+                    f"{source}: dlp.profiles.{name}: profile already defined in {defined_in[name]}"
+                )
+                continue
+            profiles[name], defined_in[name] = profile, source
+        for field in doc.dlp.model_fields_set - {"profiles"}:
+            if field in settings:
+                problems.append(f"{source}: dlp.{field}: already set in {set_in[field]}")
+                continue
+            settings[field], set_in[field] = getattr(doc.dlp, field), source
+    return DlpSettings(profiles=profiles, **settings)
+
+
+def _check_dlp_obligations(rule: Rule, dlp: DlpSettings, where: str) -> list[str]:
+    problems: list[str] = []
+    for key in DLP_OBLIGATIONS:
+        if key not in rule.obligations:
+            continue
+        value = rule.obligations[key]
+        known = ", ".join(sorted(dlp.profiles)) or "none: add a dlp.profiles section"
+        if not isinstance(value, str):
+            problems.append(f"{where}.obligations.{key}: expected a DLP profile name")
+        elif value not in dlp.profiles:
+            problems.append(
+                f"{where}.obligations.{key}: unknown DLP profile '{value}' (known: {known})"
+            )
+        elif key == "mask" and dlp.profiles[value].deidentify is None:
+            problems.append(
+                f"{where}.obligations.mask: profile '{value}' does not de-identify "
+                "(give it `deidentify: [...]`, [] for the basic profile)"
+            )
+    return problems
 
 
 def _zone(name: str) -> ZoneInfo | None:

@@ -14,7 +14,7 @@ A policy file::
         actions: [search, retrieve]         # Action values, or ["*"]
         destinations: [pacs]                # destination names, or ["*"]
         when: {mfa: true, claims: {...}, query: {...}, resource: {...}, time: {...}}
-        obligations: {deidentify: research-basic}
+        obligations: {dlp: research-basic}  # see casb.dlp.profile (the `dlp:` section)
 
 Every model forbids unknown fields, so a typo fails the load instead of silently
 widening a rule. These models only describe and validate the *shape*; cross-file
@@ -38,6 +38,8 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+from casb.dlp.profile import DlpSettings
 
 WILDCARD = "*"
 
@@ -272,3 +274,4 @@ class PolicyDocument(_Model):
     description: str = ""
     roles: dict[Name, RoleDef] = {}
     rules: list[Rule] = []
+    dlp: DlpSettings | None = None

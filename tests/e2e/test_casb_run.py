@@ -66,22 +66,29 @@ def test_minted_token_works_through_the_proxy(casb_run: tuple[Path, int, int]) -
     cfg, proxy_port, _ = casb_run
     token = mint(cfg, "--sub", "alice", "--role", "radiologist")
     base = f"http://127.0.0.1:{proxy_port}/pacs"
+
     # The README walkthrough's upload and search, with dicomweb-client's own CLI.
-    store = subprocess.run(
-        [
-            str(DICOMWEB_CLIENT),
-            "--url",
-            base,
-            "--bearer-token",
-            token,
-            "store",
-            "instances",
-            get_testdata_file("CT_small.dcm"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert store.returncode == 0, store.stderr
+    def store(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                str(DICOMWEB_CLIENT),
+                "--url",
+                base,
+                "--bearer-token",
+                token,
+                "store",
+                "instances",
+                get_testdata_file(name),
+            ],
+            capture_output=True,
+            text=True,
+        )
+
+    stored = store("MR_small.dcm")
+    assert stored.returncode == 0, stored.stderr
+    # CT_small carries vendor private tags: the clinical-upload DLP profile blocks it.
+    blocked = store("CT_small.dcm")
+    assert blocked.returncode == 1 and "409" in blocked.stderr
     r = httpx.get(f"{base}/studies", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200
     assert any(s["0020000D"]["Value"] for s in r.json())

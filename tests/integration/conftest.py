@@ -64,6 +64,9 @@ def casb_config(
 ) -> dict[str, Any]:
     """A production casb.yaml for tests: `pacs` and `research` (the destinations
     policies/hospital.yaml names) both lead to `upstream`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    uid_key = workdir / "dlp-uid.key"
+    uid_key.write_text("test-only-uid-key-0123456789abcdef")
     return {
         "environment": "production",
         "state_dir": str(workdir),
@@ -74,6 +77,7 @@ def casb_config(
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": jwks_url},
         "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
         "audit": {"path": str(workdir / "audit.jsonl")},
+        "dlp": {"uid_key_file": str(uid_key)},
         **extra,
     }
 

@@ -38,6 +38,9 @@ def fresh_instance(patient_name: str = "Doe^Jane") -> Dataset:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientName = patient_name
     ds.PatientID = "PID-" + uuid.uuid4().hex[:8]
+    # CT_small carries 179 vendor private tags; the clinical-upload DLP profile of
+    # hospital.yaml blocks those (tests/integration/test_dlp_through_proxy.py).
+    ds.remove_private_tags()
     return ds
 
 
@@ -167,18 +170,20 @@ def test_evasive_urls_cannot_escape_the_destination(proxy: CasbProxy, mint: Mint
         assert sock.recv(4096).startswith(b"HTTP/1.1 400")  # climbs above the root
 
 
-def test_researcher_is_refused_until_deidentification_can_be_enforced(
-    proxy: CasbProxy, mint: Mint
-) -> None:
-    """The policy lets researchers read `research` only with a `deidentify` obligation.
-    This proxy cannot de-identify yet, so it refuses instead of forwarding PHI."""
+def test_researcher_reads_research_masked_and_never_pacs(proxy: CasbProxy, mint: Mint) -> None:
+    """The policy lets researchers read `research` only masked (`mask: research-view`;
+    what masking does is tested in test_dlp_through_proxy.py), and never `pacs`."""
     auth = {"Authorization": f"Bearer {mint('res1', ['researcher'])}"}
     with httpx.Client(base_url=proxy.url, headers=auth) as http:
         r = http.get("/research/studies")
+        assert r.status_code == 200 and isinstance(r.json(), list)
+        r = http.get("/research/studies/1.2.3/thumbnail")
         assert r.status_code == 403 and r.json()["error"] == "unenforceable_obligation"
-        assert "deidentify" in r.json()["message"]
         r = http.get("/pacs/studies")
         assert r.status_code == 403 and "no allow rule" in r.json()["message"]
+    record = proxy.audit_records()[-3]
+    assert record["obligations"] == {"mask": "research-view"}
+    assert record["dlp"]["profile"] == "research-view"
 
 
 def test_forward_mode_reaches_only_destinations(

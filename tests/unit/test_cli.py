@@ -59,7 +59,7 @@ def test_policy_test_passes_on_the_hospital_cases(
     dev_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["policy", "test", "--config", str(dev_config), str(CASES)]) == 0
-    assert capsys.readouterr().out.strip().endswith("18 passed, 0 failed")
+    assert capsys.readouterr().out.strip().endswith("21 passed, 0 failed")
 
 
 def test_policy_test_reports_failures(
@@ -87,7 +87,7 @@ cases:
 
 def test_policy_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "validate", str(REPO / "policies" / "hospital.yaml")]) == 0
-    assert "OK: 8 rules" in capsys.readouterr().out
+    assert "OK: 9 rules" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "version: 1\nrules:\n  - {id: x, effect: allow, roles: [nobody], "

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from casb.config import Settings
+from casb.config import ConfigError, Settings
 from casb.context import Action, Principal, RequestFacts, Resource
 from casb.exchange import Forward, IncomingRequest, Refusal
+from casb.policy import load_policy
 from casb.policy.decision import Decision
 from casb.runtime import Runtime
 from tests.jwks_server import TestKey, jwks_of
@@ -37,6 +38,8 @@ def make_runtime(
     tmp_path.mkdir(parents=True, exist_ok=True)
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(jwks_of(key)))
+    uid_key = tmp_path / "uid.key"
+    uid_key.write_text("0123456789abcdef0123456789abcdef")
     settings = Settings(
         environment="production",
         destinations=destinations
@@ -50,6 +53,7 @@ def make_runtime(
         identity={"issuer": ISS, "audience": [AUD], "jwks_file": str(jwks), **(identity or {})},
         policy={"paths": [str(REPO / "policies" / "hospital.yaml")]},
         audit={"path": str(tmp_path / "audit.jsonl")},
+        dlp={"uid_key_file": str(uid_key)},
     )
     return Runtime.build(settings)
 
@@ -117,8 +121,11 @@ async def test_passthrough_keeps_the_client_token(tmp_path: Path, key: TestKey) 
 async def test_unenforceable_obligation_is_refused_not_forwarded(
     tmp_path: Path, key: TestKey
 ) -> None:
+    # researcher-read masks responses; a rendered image cannot be de-identified.
     rt = make_runtime(tmp_path, key)
-    tx = await rt.pipeline.decide(request("/research/studies", token(key, ["researcher"])))
+    tx = await rt.pipeline.decide(
+        request("/research/studies/1.2/rendered", token(key, ["researcher"]))
+    )
     assert isinstance(tx.outcome, Refusal)
     assert (tx.outcome.status, tx.outcome.code) == (403, "unenforceable_obligation")
     assert tx.decision is not None and tx.decision.allow  # the policy said yes ...
@@ -126,8 +133,84 @@ async def test_unenforceable_obligation_is_refused_not_forwarded(
     rec = json.loads((tmp_path / "audit.jsonl").read_text())
     assert rec["decision"] == "deny"  # ... the outcome is what gets audited
     assert rec["rule_id"] == "researcher-read"
-    assert rec["obligations"] == {"deidentify": "research-basic"}
-    assert "cannot enforce" in rec["reasons"][-1]
+    assert rec["obligations"] == {"mask": "research-view"}
+    assert "cannot be de-identified" in rec["reasons"][-1]
+
+
+async def test_an_obligation_nobody_enforces_is_refused(tmp_path: Path, key: TestKey) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nroles: {staff: {}}\nrules:\n"
+        "  - {id: r, effect: allow, roles: [staff], actions: [search], destinations: [pacs],"
+        " obligations: {watermark: true}}\n"
+    )
+    rt = make_runtime(tmp_path, key)
+    rt.pipeline.policy = load_policy([policy], {"pacs", "research"})
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["staff"])))
+    assert isinstance(tx.outcome, Refusal)
+    assert (tx.outcome.status, tx.outcome.code) == (403, "unenforceable_obligation")
+    assert "watermark" in tx.outcome.message
+
+
+async def test_masked_reads_carry_a_response_plan(tmp_path: Path, key: TestKey) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(request("/research/studies", token(key, ["researcher"])))
+    assert isinstance(tx.outcome, Forward) and tx.outcome.dlp is not None
+    assert (tx.outcome.dlp.direction, tx.outcome.dlp.profile) == ("response", "research-view")
+    # the same researcher's searches on pacs are not allowed at all
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["researcher"])))
+    assert isinstance(tx.outcome, Refusal) and tx.outcome.status == 403
+
+
+STOW = 'multipart/related; type="application/dicom"; boundary=b'
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Content-Type": STOW}, None),
+        ({"Content-Type": "application/dicom"}, 415),
+        ({"Content-Type": "text/plain"}, 415),
+        ({}, 415),
+        ({"Content-Type": STOW, "Content-Encoding": "gzip"}, 415),
+    ],
+)
+async def test_uploads_dlp_must_inspect_need_a_readable_body(
+    tmp_path: Path, key: TestKey, headers: dict[str, str], status: int | None
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(
+        request("/pacs/studies", token(key, ["technologist"]), "POST", **headers)
+    )
+    if status is None:
+        assert isinstance(tx.outcome, Forward) and tx.outcome.dlp is not None
+        assert (tx.outcome.dlp.direction, tx.outcome.dlp.profile) == (
+            "request",
+            "clinical-upload",
+        )
+    else:
+        assert isinstance(tx.outcome, Refusal)
+        assert (tx.outcome.status, tx.outcome.code) == (status, "unsupported_media_type")
+
+
+async def test_a_deidentifying_policy_needs_a_uid_key_in_production(
+    tmp_path: Path, key: TestKey
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(jwks_of(key)))
+    settings = Settings(
+        environment="production",
+        destinations={
+            "pacs": {"upstream": "https://p.example"},
+            "research": {"upstream": "https://r.example"},
+        },
+        identity={"issuer": ISS, "audience": [AUD], "jwks_file": str(jwks)},
+        policy={"paths": [str(REPO / "policies" / "hospital.yaml")]},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
+    with pytest.raises(ConfigError, match="research-deidentify, research-view de-identify"):
+        Runtime.build(settings)
+    Runtime.build(settings, audit=False).discard()  # policy tools still work without it
 
 
 async def test_bearer_upstream_credential_replaces_the_token(

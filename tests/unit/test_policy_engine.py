@@ -891,7 +891,7 @@ HOSPITAL_TABLE: list[tuple[tuple[str, ...], bool, Action, str, str | None]] = [
     (("technologist",), False, Action.STORE, "research", None),
     *[(("researcher",), False, a, "research", "researcher-read") for a in READ],
     (("researcher",), False, Action.SEARCH, "pacs", None),
-    (("researcher",), False, Action.STORE, "research", None),
+    (("researcher",), False, Action.STORE, "research", "researcher-store"),
     (("admin",), True, Action.DELETE, "pacs", "admin-delete"),
     (("admin",), False, Action.DELETE, "pacs", None),
     (("admin",), True, Action.SEARCH, "pacs", "radiologist-read"),
@@ -919,7 +919,9 @@ def test_hospital_policy_intent(
 
 def test_hospital_researcher_gets_deidentified_data(hospital: CompiledPolicy) -> None:
     decision = ask(hospital, who("researcher"), Action.RETRIEVE, "research")
-    assert decision.obligations == {"deidentify": "research-basic"}
+    assert decision.obligations == {"mask": "research-view"}
+    upload = ask(hospital, who("researcher"), Action.STORE, "research")
+    assert upload.obligations == {"dlp": "research-deidentify"}
 
 
 def test_hospital_delete_without_mfa_names_the_guard_rule(hospital: CompiledPolicy) -> None:

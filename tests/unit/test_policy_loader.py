@@ -63,7 +63,7 @@ def allowed(policy: CompiledPolicy, role: str, action: Action, destination: str)
 
 def test_load_the_hospital_example() -> None:
     policy = load_policy([HOSPITAL], known_destinations={"pacs", "research"})
-    assert policy.rule_count == 8
+    assert policy.rule_count == 9
     assert policy.sources == (str(HOSPITAL),)
     assert policy.version == "sha256:" + hashlib.sha256(HOSPITAL.read_bytes()).hexdigest()
     assert {"staff", "radiologist", "admin", "teleradiologist"} <= policy.roles
@@ -511,3 +511,74 @@ def test_schema_and_model_agree_on_invalid_documents(document: dict[str, object]
         jsonschema.validate(document, policy_json_schema(), cls=jsonschema.Draft202012Validator)
     with pytest.raises(ValueError):
         PolicyDocument.model_validate(document)
+
+
+# -- the dlp section --------------------------------------------------------------------
+
+DLP_BASE = """
+version: 1
+roles: {staff: {}}
+rules:
+  - {id: up, effect: allow, roles: [staff], actions: [store], destinations: [pacs],
+     obligations: {dlp: PROFILE}}
+  - {id: read, effect: allow, roles: [staff], actions: [search], destinations: [pacs],
+     obligations: {mask: MASK}}
+dlp:
+  profiles:
+    guard: {block: [private_tag, free_text.ssn]}
+    clean: {deidentify: [clean_descriptors]}
+"""
+
+
+def dlp_policy(tmp_path: Path, profile: str = "guard", mask: str = "clean") -> Path:
+    return write(tmp_path, "p.yaml", DLP_BASE.replace("PROFILE", profile).replace("MASK", mask))
+
+
+def test_dlp_profiles_load_and_are_merged_across_files(tmp_path: Path) -> None:
+    extra = write(
+        tmp_path,
+        "q.yaml",
+        "version: 1\ndlp:\n  profiles: {other: {}}\n  mrn_patterns: ['MRN\\d+']\n",
+    )
+    policy = load_policy([dlp_policy(tmp_path), extra])
+    assert sorted(policy.dlp.profiles) == ["clean", "guard", "other"]
+    assert policy.dlp.profiles["guard"].block == ["private_tag", "free_text.ssn"]
+    assert policy.dlp.mrn_patterns == ["MRN\\d+"]
+    assert policy.dlp.burned_in_modalities == ["US", "SC", "OT", "XA", "ES"]  # default
+
+
+@pytest.mark.parametrize(
+    ("profile", "mask", "expected"),
+    [
+        ("nope", "clean", "rules[0].obligations.dlp: unknown DLP profile 'nope'"),
+        ("guard", "guard", "obligations.mask: profile 'guard' does not de-identify"),
+        ("guard", "missing", "rules[1].obligations.mask: unknown DLP profile 'missing'"),
+    ],
+)
+def test_dlp_obligations_must_name_a_usable_profile(
+    tmp_path: Path, profile: str, mask: str, expected: str
+) -> None:
+    assert expected in load_error(dlp_policy(tmp_path, profile, mask))
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("profiles: {x: {block: [private_tags]}}", "unknown DLP rule 'private_tags'"),
+        ("profiles: {x: {deidentify: [retain_everything]}}", "dlp.profiles.x.deidentify"),
+        ("profiles: {x: {blok: []}}", "dlp.profiles.x.blok"),
+        ("mrn_patterns: ['(']", "does not compile"),
+        ("safe_private: [{creator: A, tag: '0018,xx10'}]", "odd group"),
+    ],
+)
+def test_dlp_section_errors_name_the_field(tmp_path: Path, section: str, expected: str) -> None:
+    path = write(tmp_path, "p.yaml", f"version: 1\ndlp:\n  {section}\n")
+    assert expected in load_error(path)
+
+
+def test_dlp_profile_and_settings_defined_twice_are_errors(tmp_path: Path) -> None:
+    a = write(tmp_path, "a.yaml", "version: 1\ndlp: {profiles: {x: {}}, mrn_patterns: []}\n")
+    b = write(tmp_path, "b.yaml", "version: 1\ndlp: {profiles: {x: {}}, mrn_patterns: []}\n")
+    error = load_error(a, b)
+    assert "dlp.profiles.x: profile already defined in" in error
+    assert "dlp.mrn_patterns: already set in" in error
