@@ -339,8 +339,10 @@ class CasbAddon:
         _rewrite(req, tx.outcome)
         plan = tx.outcome.dlp
         if plan is not None:
-            # DLP reads bodies as sent: ask the upstream for uncompressed answers.
-            req.headers.pop("accept-encoding", None)
+            # DLP reads whole bodies as sent: ask the upstream for uncompressed, complete
+            # answers (a byte range of an instance cannot be de-identified).
+            for name in ("accept-encoding", "range", "if-range"):
+                req.headers.pop(name, None)
             tx.dlp = DlpReport(profile=plan.profile, direction=plan.direction)
             if plan.direction == "request":
                 self._inspect_upload(flow, tx, plan)
@@ -401,7 +403,12 @@ class CasbAddon:
         length = flow.response.headers.get("content-length", "")
         if plan is not None and plan.direction == "request":
             return  # the STOW-RS answer: buffered, merged with DLP's failures in `response`
-        if plan is not None and 200 <= flow.response.status_code < 300:
+        if (
+            plan is not None
+            and 200 <= flow.response.status_code < 300
+            and flow.response.status_code != 204
+            and flow.request.method != "HEAD"  # no body to mask
+        ):
             self._mask_response(flow, tx, plan, length)
             return
         if length.isdigit() and int(length) <= self._buffer_limit:

@@ -329,6 +329,26 @@ def test_researcher_metadata_and_instances_are_deidentified(
     assert record["dlp"]["deidentified"] == 1 and record["status"] == 200
 
 
+def test_masked_reads_ignore_ranges_and_heads_have_no_body(
+    proxy: CasbProxy, mint: Mint, identified_study: Dataset
+) -> None:
+    ds = identified_study
+    url = (
+        f"{proxy.url}/research/studies/{ds.StudyInstanceUID}/series/"
+        f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    )
+    headers = {
+        "Authorization": f"Bearer {mint('res5', ['researcher'])}",
+        "Accept": 'multipart/related; type="application/dicom"',
+    }
+    # A byte range of an instance cannot be de-identified: the whole, masked instance.
+    r = httpx.get(url, headers={**headers, "Range": "bytes=0-99"})
+    assert r.status_code == 200
+    assert NAME.encode() not in r.content and ds.PixelData in r.content
+    r = httpx.head(url, headers=headers)
+    assert r.status_code == 200 and r.content == b""
+
+
 def test_researcher_rendered_images_are_refused(
     proxy: CasbProxy, mint: Mint, identified_study: Dataset
 ) -> None:
