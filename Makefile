@@ -26,6 +26,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/policy.py
 	$(BIN)/python bench/proxy_overhead.py
+	$(BIN)/python bench/dlp.py
+	$(BIN)/python bench/upload_stream.py
 
 # A local Orthanc with the DICOMweb plugin on :8042, for the README walkthrough
 # (needs the Debian packages orthanc and orthanc-dicomweb).

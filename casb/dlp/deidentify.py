@@ -74,7 +74,7 @@ _META_GROUP: Final = 0x0002
 _STRING_VRS: Final = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
-_CLEANABLE_TEXT_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "AE"})
+CLEANABLE_TEXT_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "AE"})
 _NUMBER_SIZES: Final = {
     "US": 2,
     "SS": 2,
@@ -172,8 +172,9 @@ class Deidentifier:
         self._key = uid_key
         keys = self.actions.option_keys
         self._full_dates = "rtnLongFullDatesOpt" in keys
-        self._modified_dates = "rtnLongModifDatesOpt" in keys and not self._full_dates
-        self._date_rows = frozenset(
+        # read by casb.dlp.explicit_le too (it applies the same actions on raw bytes)
+        self.modified_dates = "rtnLongModifDatesOpt" in keys and not self._full_dates
+        self.date_rows = frozenset(
             tag for tag, row in table.rows.items() if "rtnLongModifDatesOpt" in row.options
         )
         self._worth: dict[int, bool] = {}
@@ -191,7 +192,7 @@ class Deidentifier:
         encoding = layout.encoding if layout is not None else (False, True)
         ctx = _Context(
             scanner=scanner,
-            shift_days=date_shift_days(self._key, patient_id.strip()),
+            shift_days=self.shift_days(patient_id),
             encoding=encoding,
         )
         nested = layout.nested if layout is not None else None
@@ -203,6 +204,29 @@ class Deidentifier:
 
     def uid(self, value: str) -> str:
         return hashed_uid(self._key, value)
+
+    def shift_days(self, patient_id: str) -> int:
+        """Days this patient's dates move back (Modified Dates Option)."""
+        return date_shift_days(self._key, patient_id.strip())
+
+    def changes(self, tag: int) -> bool:
+        """Whether the walk may change this tag (sequences with none are not walked)."""
+        found = self._worth.get(tag)
+        if found is None:
+            if len(self._worth) > _WORTH_CACHE:
+                self._worth.clear()
+            found = tag < 0 or bool((tag >> 16) & 1) or self.actions.action(tag) != "K"
+            if not found:
+                found = tag & 0xFFFF == 0  # group lengths are dropped
+            self._worth[tag] = found
+        return found
+
+    def marks(self, encoding: tuple[bool, bool]) -> tuple[RawDataElement, ...]:
+        """The marking elements (Patient Identity Removed...), as raw elements."""
+        marks = self._marks.get(encoding)
+        if marks is None:
+            marks = self._marks[encoding] = self._encoded_marks(encoding)
+        return marks
 
     # walking ----------------------------------------------------------------------
 
@@ -262,18 +286,7 @@ class Deidentifier:
         """False for a top-level sequence whose nested tags all keep (no private ones)."""
         if depth or nested is None or tag not in nested:
             return True
-        return any(self._changes(t) for t in nested[tag])
-
-    def _changes(self, tag: int) -> bool:
-        found = self._worth.get(tag)
-        if found is None:
-            if len(self._worth) > _WORTH_CACHE:
-                self._worth.clear()
-            found = tag < 0 or bool((tag >> 16) & 1) or self.actions.action(tag) != "K"
-            if not found:
-                found = tag & 0xFFFF == 0  # group lengths are dropped
-            self._worth[tag] = found
-        return found
+        return any(self.changes(t) for t in nested[tag])
 
     def _act(
         self,
@@ -313,76 +326,57 @@ class Deidentifier:
         self, ds: Dataset, elem: Any, tag: int, vr: str, ctx: _Context, encodings: list[str]
     ) -> bool:
         """Clean in place; False when this element cannot be cleaned."""
-        if tag in self._date_rows and self._modified_dates:
+        if tag in self.date_rows and self.modified_dates:
             if vr == "TM":
                 return True  # a whole-day shift leaves times as they are
             if vr in ("DA", "DT"):
                 return self._shift(ds, elem, tag, vr, ctx)
             return False
-        if vr not in _CLEANABLE_TEXT_VRS:
+        if vr not in CLEANABLE_TEXT_VRS:
             return False
-        texts = decoded_text(elem, encodings)
-        cleaned = [ctx.scanner.clean(t) for t in texts]
-        if cleaned == texts:
-            return True
-        limit = MAX_VALUE_LEN.get(vr)
-        values = [v[:limit] if limit else v for c in cleaned for v in _split(c, vr)]
-        new = DataElement(
-            tag, vr, values if len(values) != 1 else values[0], validation_mode=IGNORE
-        )
-        ds[tag] = new
+        new = cleaned_element(tag, vr, decoded_text(elem, encodings), ctx.scanner)
+        if new is not None:
+            ds[tag] = new
         return True
 
     def _shift(self, ds: Dataset, elem: Any, tag: int, vr: str, ctx: _Context) -> bool:
-        values = _ascii_values(elem)
+        values = ascii_values(elem.value)
         if not values:
             return True  # nothing to shift
-        shift = shift_date if vr == "DA" else shift_datetime
-        shifted = [shift(v, ctx.shift_days) for v in values]
-        if any(s is None for s in shifted):
+        shifted = shifted_value(values, vr, ctx.shift_days)
+        if shifted is None:
             return False
-        ds[tag] = self._raw(tag, vr, _pad("\\".join(s or "" for s in shifted), vr), ctx)
+        ds[tag] = self._raw(tag, vr, shifted, ctx)
         return True
 
     def _replace_uids(self, ds: Dataset, elem: Any, tag: int, ctx: _Context) -> None:
-        values = _ascii_values(elem)
-        if not values:
-            return
-        new = "\\".join(self.uid(v) for v in values)
-        ds[tag] = self._raw(tag, "UI", _pad(new, "UI"), ctx)
+        values = ascii_values(elem.value)
+        if values:
+            ds[tag] = self._raw(tag, "UI", self.uid_value(values), ctx)
+
+    def uid_value(self, values: list[str]) -> bytes:
+        """The encoded replacement of a UI element's values."""
+        return _pad("\\".join(self.uid(v) for v in values), "UI")
 
     def _dummy(self, tag: int, vr: str, ctx: _Context) -> RawDataElement:
-        if vr == "SQ":
-            return self._raw(tag, "SQ", b"", ctx)
-        if vr in _DUMMY_TEXT:
-            return self._raw(tag, vr, _pad(_DUMMY_TEXT[vr], vr), ctx)
-        if vr in _STRING_VRS:
-            return self._raw(tag, vr, _pad("ANONYMOUS", vr), ctx)
-        size = _NUMBER_SIZES.get(vr, 2)
-        return self._raw(tag, vr, b"\x00" * size, ctx)
+        return self._raw(tag, vr, dummy_value(vr), ctx)
 
     @staticmethod
     def _raw(tag: int, vr: str, value: bytes, ctx: _Context) -> RawDataElement:
-        """A new element holding already encoded bytes (written by pydicom as they are).
-        An ambiguous dictionary VR ("US or SS") takes its first choice; unknown: UN."""
-        write_vr = vr.split(" ", 1)[0] if vr else "UN"
-        return RawDataElement(BaseTag(tag), write_vr, len(value), value, 0, *ctx.encoding)
+        return new_raw_element(tag, vr, value, ctx.encoding)
 
     # marking ----------------------------------------------------------------------
 
     def _mark(self, ds: Dataset, ctx: _Context) -> None:
-        marks = self._marks.get(ctx.encoding)
-        if marks is None:
-            marks = self._marks[ctx.encoding] = self._encoded_marks(ctx)
-        for mark in marks:
+        for mark in self.marks(ctx.encoding):
             ds[mark.tag] = mark
 
-    def _encoded_marks(self, ctx: _Context) -> tuple[RawDataElement, ...]:
+    def _encoded_marks(self, encoding: tuple[bool, bool]) -> tuple[RawDataElement, ...]:
         """The marking elements, encoded once per (implicit VR, little endian)."""
         method = DEIDENTIFICATION_METHOD + (" + options" if self.options else "")
         if self._full_dates:
             state = "UNMODIFIED"
-        elif self._modified_dates:
+        elif self.modified_dates:
             state = "MODIFIED"
         else:
             state = "REMOVED"
@@ -395,23 +389,66 @@ class Deidentifier:
             item.CodeMeaning = meaning
             items.append(item)
         fp = DicomBytesIO()
-        fp.is_implicit_VR, fp.is_little_endian = ctx.encoding
+        fp.is_implicit_VR, fp.is_little_endian = encoding
         write_sequence(fp, DataElement(_DEIDENTIFICATION_METHOD_CODES, "SQ", items), ["iso8859"])
+        codes_value = bytes(fp.getvalue())
         return (
-            self._raw(_PATIENT_IDENTITY_REMOVED, "CS", _pad("YES", "CS"), ctx),
-            self._raw(_DEIDENTIFICATION_METHOD, "LO", _pad(method, "LO"), ctx),
-            self._raw(_DEIDENTIFICATION_METHOD_CODES, "SQ", bytes(fp.getvalue()), ctx),
-            self._raw(_LONGITUDINAL_MODIFIED, "CS", _pad(state, "CS"), ctx),
+            new_raw_element(_PATIENT_IDENTITY_REMOVED, "CS", _pad("YES", "CS"), encoding),
+            new_raw_element(_DEIDENTIFICATION_METHOD, "LO", _pad(method, "LO"), encoding),
+            new_raw_element(_DEIDENTIFICATION_METHOD_CODES, "SQ", codes_value, encoding),
+            new_raw_element(_LONGITUDINAL_MODIFIED, "CS", _pad(state, "CS"), encoding),
         )
+
+
+# -- the actions on values, shared with casb.dlp.explicit_le --------------------------
+
+
+def new_raw_element(tag: int, vr: str, value: bytes, encoding: tuple[bool, bool]) -> RawDataElement:
+    """A new element holding already encoded bytes (written by pydicom as they are).
+    An ambiguous dictionary VR ("US or SS") takes its first choice; unknown: UN."""
+    write_vr = vr.split(" ", 1)[0] if vr else "UN"
+    return RawDataElement(BaseTag(tag), write_vr, len(value), value, 0, *encoding)
+
+
+def dummy_value(vr: str) -> bytes:
+    """The encoded dummy value (action D) of a VR."""
+    if vr == "SQ":
+        return b""
+    if vr in _DUMMY_TEXT:
+        return _pad(_DUMMY_TEXT[vr], vr)
+    if vr in _STRING_VRS:
+        return _pad("ANONYMOUS", vr)
+    return b"\x00" * _NUMBER_SIZES.get(vr, 2)
+
+
+def shifted_value(values: list[str], vr: str, days: int) -> bytes | None:
+    """DA/DT values moved back by whole days, encoded; None when one is not a date."""
+    shift = shift_date if vr == "DA" else shift_datetime
+    shifted = [shift(v, days) for v in values]
+    if any(s is None for s in shifted):
+        return None
+    return _pad("\\".join(s or "" for s in shifted), vr)
+
+
+def cleaned_element(
+    tag: int, vr: str, texts: list[str], scanner: TextScanner
+) -> DataElement | None:
+    """The element with every detector hit in its text replaced by "[REMOVED]"; None
+    when nothing needs cleaning."""
+    cleaned = [scanner.clean(t) for t in texts]
+    if cleaned == texts:
+        return None
+    limit = MAX_VALUE_LEN.get(vr)
+    values = [v[:limit] if limit else v for c in cleaned for v in _split(c, vr)]
+    return DataElement(tag, vr, values if len(values) != 1 else values[0], validation_mode=IGNORE)
 
 
 def _split(text: str, vr: str) -> list[str]:
     return text.split("\\") if vr in ("SH", "LO", "AE", "UC") else [text]
 
 
-def _ascii_values(elem: Any) -> list[str]:
+def ascii_values(value: Any) -> list[str]:
     """The values of a UI/DA/DT element (raw or converted) as stripped strings."""
-    value = elem.value
     if value is None:
         return []
     if isinstance(value, bytes | bytearray):

@@ -45,7 +45,7 @@ from casb.dlp.rules import RuleTable
 TEXT_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "AE"})
 ALWAYS_SCANNED_VRS: Final = frozenset({"ST", "LT", "UT", "UC"})
 REDACTED: Final = "[REMOVED]"
-_IDENTITY_RULES: Final = ("free_text.patient_name", "free_text.patient_id")
+IDENTITY_RULES: Final = ("free_text.patient_name", "free_text.patient_id")
 
 SPECIFIC_CHARACTER_SET: Final = 0x00080005
 PATIENT_NAME: Final = 0x00100010
@@ -224,24 +224,38 @@ class Matcher:
                 continue
             yield match.span()
 
+    def found(self, text: str) -> bool:
+        """Whether the pattern matches somewhere (the first of ``spans``, cheaper)."""
+        if not self.min_digits:
+            return self.pattern.search(text) is not None
+        return next(self.spans(text), None) is not None
+
 
 class TextScanner:
     """The free-text detectors of one instance (fixed ones + its own name and ID)."""
 
     def __init__(self, matchers: tuple[Matcher, ...]) -> None:
         self.matchers = matchers
+        # texts of this instance no detector matched (``clean`` leaves them as they are)
+        self._nothing_found: set[str] = set()
 
     def rules(self, text: str) -> list[str]:
         """The rule ids that match somewhere in the text (each once, detector order)."""
         found: list[str] = []
         for m in self.matchers:
-            if m.rule not in found and next(m.spans(text), None) is not None:
+            if m.rule not in found and m.found(text):
                 found.append(m.rule)
+        if not found:
+            self._nothing_found.add(text)
         return found
 
     def clean(self, text: str) -> str:
         """The text with every detector hit replaced by "[REMOVED]"."""
+        if text in self._nothing_found:
+            return text
         for m in self.matchers:
+            if not m.found(text):
+                continue
             spans = list(m.spans(text))
             for start, end in reversed(spans):
                 text = text[:start] + REDACTED + text[end:]
@@ -285,7 +299,7 @@ _TAG_INFO_CACHE: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True)
-class _TagInfo:
+class TagInfo:
     """What the walk needs to know about a tag, computed once per tag."""
 
     skip: bool
@@ -300,6 +314,13 @@ class _TagInfo:
     def name(self) -> str:
         """How a path names it: the keyword, else the tag."""
         return self.keyword or self.text
+
+
+@dataclass(frozen=True, slots=True)
+class _Converted:
+    """A converted (not raw) element value, for ``Detector.scanner_from``."""
+
+    value: Any
 
 
 @dataclass(slots=True)
@@ -333,12 +354,12 @@ class Detector:
         )
         self._descriptors = frozenset(tag for tag, row in table.rows.items() if row.descriptor)
         self._interesting_cache: dict[int, bool] = {}
-        self._tag_infos: dict[int, _TagInfo] = {}
-        self._safe = frozenset(
+        self.tag_infos: dict[int, TagInfo] = {}  # read by casb.dlp.explicit_le too
+        self.safe_private = frozenset(
             (s.creator.strip(), int(s.tag[:4], 16), int(s.tag[-2:], 16))
             for s in settings.safe_private
         )
-        self._burned_in_modalities = frozenset(
+        self.burned_in_modalities = frozenset(
             m.strip().upper() for m in settings.burned_in_modalities
         )
 
@@ -346,17 +367,26 @@ class Detector:
 
     def scanner_for(self, ds: Dataset) -> TextScanner:
         """The free-text detectors for this instance (its own patient name and ID)."""
-        name_parts: list[str] = []
+        name: Any = None
         patient_id = ""
         encodings = dataset_encodings(ds, [default_encoding])
         if PATIENT_NAME in ds:
             elem = ds.get_item(PATIENT_NAME)
-            value = elem.value
-            if elem.is_raw and isinstance(value, bytes):  # decode only this value
-                value = [PersonName(v, encodings) for v in value.split(b"\\")]
-            name_parts = person_name_parts(value)
+            name = elem.value
+            if not (elem.is_raw and isinstance(name, bytes)):
+                name = _Converted(name)
         if PATIENT_ID in ds:
             patient_id = " ".join(decoded_text(ds.get_item(PATIENT_ID), encodings)).strip()
+        return self.scanner_from(name, patient_id, encodings)
+
+    def scanner_from(self, name: Any, patient_id: str, encodings: list[str]) -> TextScanner:
+        """The free-text detectors for a patient name (the raw bytes of the element, or
+        its converted value wrapped in ``_Converted``, or None) and a decoded ID."""
+        name_parts: list[str] = []
+        if isinstance(name, bytes):  # decode only this value
+            name_parts = person_name_parts([PersonName(v, encodings) for v in name.split(b"\\")])
+        elif isinstance(name, _Converted):
+            name_parts = person_name_parts(name.value)
         return TextScanner(self._fixed + tuple(_identity_matchers(name_parts, patient_id)))
 
     def findings(self, ds: Dataset, scanner: TextScanner | None = None) -> list[Finding]:
@@ -383,10 +413,10 @@ class Detector:
 
     def is_safe_private(self, ds: Dataset, tag: int) -> bool:
         creator_tag = private_creator_tag(tag)
-        if creator_tag is None or not self._safe or creator_tag not in ds:
+        if creator_tag is None or not self.safe_private or creator_tag not in ds:
             return False
         creator = " ".join(text_values(ds[creator_tag].value)).strip()
-        return (creator, tag >> 16, tag & 0xFF) in self._safe
+        return (creator, tag >> 16, tag & 0xFF) in self.safe_private
 
     def text_to_scan(self, elem: Any, encodings: list[str]) -> list[str] | None:
         """The decoded text of an element the free-text detectors look at, else None."""
@@ -413,12 +443,12 @@ class Detector:
             raise InstanceError(f"sequences nested deeper than {MAX_DEPTH} levels")
         encodings = dataset_encodings(ds, encodings)
         out = walk.out
-        infos = self._tag_infos
+        infos = self.tag_infos
         for elem in list(ds.values()):
             tag = int(elem.tag)
             info = infos.get(tag)
             if info is None:
-                info = self._tag_info(tag)
+                info = self.tag_info(tag)
             if info.skip:
                 continue  # group lengths, private creators, pixel data
             if info.private:
@@ -440,11 +470,12 @@ class Detector:
             elif vr in ALWAYS_SCANNED_VRS or (info.descriptor and vr in TEXT_VRS):
                 self._scan(elem, prefix + info.name, encodings, walk)
 
-    def _tag_info(self, tag: int) -> _TagInfo:
-        if len(self._tag_infos) > _TAG_INFO_CACHE:
-            self._tag_infos.clear()  # bounded: hostile input may carry any tags
+    def tag_info(self, tag: int) -> TagInfo:
+        """What the walk needs to know about a tag (cached)."""
+        if len(self.tag_infos) > _TAG_INFO_CACHE:
+            self.tag_infos.clear()  # bounded: hostile input may carry any tags
         private = bool((tag >> 16) & 1)
-        info = _TagInfo(
+        info = TagInfo(
             skip=tag & 0xFFFF == 0 or tag == PIXEL_DATA or is_private_creator(tag),
             private=private,
             removed=not private and self.is_removed_by_basic(tag),
@@ -453,7 +484,7 @@ class Detector:
             keyword=keyword(tag),
             text=tag_text(tag),
         )
-        self._tag_infos[tag] = info
+        self.tag_infos[tag] = info
         return info
 
     def _worth_walking(self, tag: int, depth: int, walk: _Walk) -> bool:
@@ -463,11 +494,14 @@ class Detector:
         nested = walk.nested.get(tag)
         if nested is None:
             return True
-        return any(self._interesting(t) for t in nested)
+        return any(self.interesting(t) for t in nested)
 
-    def _interesting(self, tag: int) -> bool:
+    def interesting(self, tag: int) -> bool:
+        """Whether any detector looks at this tag inside a sequence."""
         found = self._interesting_cache.get(tag)
         if found is None:
+            if len(self._interesting_cache) > _TAG_INFO_CACHE:
+                self._interesting_cache.clear()  # bounded, as tag_infos
             found = (
                 tag < 0
                 or bool((tag >> 16) & 1)
@@ -520,7 +554,7 @@ class Detector:
                 if rule not in found:
                     found.append(rule)
         if tag in (PATIENT_NAME, PATIENT_ID):  # its own name/ID is not "inside other text"
-            found = [r for r in found if r not in _IDENTITY_RULES]
+            found = [r for r in found if r not in IDENTITY_RULES]
         for rule in found:
             walk.out.append(Finding(rule, keyword(tag), tag_text(tag), path))
 
@@ -535,7 +569,7 @@ class Detector:
                     "BurnedInAnnotation",
                 )
             )
-        elif not burned and _upper(ds, MODALITY) in self._burned_in_modalities:
+        elif not burned and _upper(ds, MODALITY) in self.burned_in_modalities:
             out.append(
                 Finding(
                     "burned_in_annotation.unknown",

@@ -3,8 +3,11 @@
 ``inspect(data, complete)``: parse (casb.dlp.instance) -> detect (casb.dlp.detect) ->
 block when a finding's rule matches the profile's ``block`` list -> else de-identify
 (casb.dlp.deidentify) and re-encode in the input's transfer syntax when the profile
-de-identifies -> else forward the bytes unchanged. ``inspect_json`` / ``mask_json``
-do the same for DICOM JSON datasets (STOW-RS JSON+bulkdata, QIDO-RS, WADO-RS metadata).
+de-identifies -> else forward the bytes unchanged. Explicit VR little endian instances
+take a fast path with the same result (casb.dlp.explicit_le: the same steps on the raw
+bytes); everything it does not handle takes the pydicom path described here.
+``inspect_json`` / ``mask_json`` do the same for DICOM JSON datasets (STOW-RS
+JSON+bulkdata, QIDO-RS, WADO-RS metadata).
 
 Anything that goes wrong on the way is an ``InstanceError`` (fail closed); its reason
 never quotes the input. pydicom's own warnings and log records are silenced while the
@@ -21,9 +24,10 @@ from pydicom.dataset import Dataset
 from casb.dlp.deidentify import Deidentifier
 from casb.dlp.detect import Detector, decoded_text
 from casb.dlp.dicom_json import dataset_from_json, dataset_to_json
+from casb.dlp.explicit_le import ExplicitLittleEndian
 from casb.dlp.findings import Finding, InstanceError, Verdict
 from casb.dlp.instance import encode, quiet_pydicom, read_header, transfer_syntax_of
-from casb.dlp.profile import DlpProfile, DlpSettings, rule_matches
+from casb.dlp.profile import RULE_IDS, DlpProfile, DlpSettings, rule_matches
 from casb.dlp.rules import load_table
 
 _SOP_CLASS = 0x00080016
@@ -45,6 +49,7 @@ class Inspector:
         table = load_table()
         self._detector = Detector(settings, table)
         self._block = tuple(profile.block)
+        self._blocks: dict[str, bool] = {}  # rule id -> whether the profile blocks it
         self._deid: Deidentifier | None = None
         self._mask: Deidentifier | None = None
         if uid_key:
@@ -56,6 +61,7 @@ class Inspector:
             # profile names no options
             self._mask = self._deid or Deidentifier([], table, self._detector, uid_key=uid_key)
         self._retain_uids = "retain_uids" in (profile.deidentify or [])
+        self._fast = ExplicitLittleEndian(self._detector, self._deid)
 
     # public -----------------------------------------------------------------------
 
@@ -91,6 +97,30 @@ class Inspector:
                 ) from None
 
     def _inspect(self, data: bytes, complete: bool) -> Verdict:
+        if self.profile.deidentify is not None and self._deid is None:
+            raise InstanceError("de-identification needs a UID key and none is configured")
+        verdict = self._inspect_fast(data, complete)
+        return verdict if verdict is not None else self._inspect_with_pydicom(data, complete)
+
+    def _inspect_fast(self, data: bytes, complete: bool) -> Verdict | None:
+        """The fast path's verdict; None when the instance is not one it handles."""
+        header = self._fast.read(data, complete)
+        if header is None:
+            return None
+        findings = header.findings
+        sop_class, sop_instance = header.sop_class_uid, header.sop_instance_uid
+        blocked_by = self._blocked_by(findings)
+        if blocked_by:
+            return Verdict("block", findings, b"", sop_class, sop_instance, blocked_by)
+        if self._deid is None:
+            return Verdict("forward", findings, bytes(data), sop_class, sop_instance)
+        rewritten = header.deidentified()
+        if rewritten is None:
+            return None
+        return Verdict("deidentified", findings, rewritten, sop_class, sop_instance)
+
+    def _inspect_with_pydicom(self, data: bytes, complete: bool) -> Verdict:
+        """The general path (every transfer syntax): the reference for the fast one."""
         if self.profile.deidentify is not None and self._deid is None:
             raise InstanceError("de-identification needs a UID key and none is configured")
         ds = read_header(data, complete=complete)
@@ -145,11 +175,16 @@ class Inspector:
 
     def _blocked_by(self, findings: tuple[Finding, ...]) -> tuple[str, ...]:
         rules: list[str] = []
+        blocks = self._blocks
         for finding in findings:
-            if finding.rule not in rules and any(
-                rule_matches(selector, finding.rule) for selector in self._block
-            ):
-                rules.append(finding.rule)
+            rule = finding.rule
+            blocking = blocks.get(rule)
+            if blocking is None:
+                blocking = any(rule_matches(selector, rule) for selector in self._block)
+                if rule in RULE_IDS:  # the cache holds known rule ids only
+                    blocks[rule] = blocking
+            if blocking and rule not in rules:
+                rules.append(rule)
         return tuple(rules)
 
 
