@@ -374,7 +374,11 @@ def test_an_unwritable_audit_log_refuses_everything(
             503,
             {"error": "audit_unavailable", "message": ANY, "request_id": ANY},
         )
-        assert "audit write failed" in px.log()
+        # mitmdump writes its log asynchronously: wait (bounded) for the line.
+        assert px.process is not None
+        px.process.wait_until(
+            lambda: "audit write failed" in px.log(), timeout=10, what="the audit-failure log line"
+        )
     # The upload never reached the PACS.
     assert orthanc.get_json(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}") == []
 
