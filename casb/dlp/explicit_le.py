@@ -853,6 +853,8 @@ class _Parser:
                 value = pos + 12
             if collect is not None:
                 collect.add(tag)
+                if vr in ALWAYS_SCANNED_VRS:
+                    collect.add(-1)  # as instance.py: nested free text is always walked
             if vr == "SQ":
                 _check_converted(data, tag, vr, value, value)
                 inner = set() if top else collect

@@ -97,6 +97,10 @@ _BE_IMPLICIT = struct.Struct(">HHL")
 _QUIET: ContextVar[bool] = ContextVar("casb_dlp_quiet", default=False)
 
 
+# VRs whose values the free-text detectors always scan (detect.ALWAYS_SCANNED_VRS).
+_FREE_TEXT_VRS: Final = frozenset({b"ST", b"LT", b"UT", b"UC"})
+
+
 class _DropWhileQuiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not _QUIET.get()
@@ -215,6 +219,10 @@ class _Walker:
             if collect is not None and in_item:
                 collect.add(tag)
                 if vr == b"UN" and length != _UNDEFINED:
+                    collect.add(-1)
+                elif vr in _FREE_TEXT_VRS:
+                    # free text, whatever the dictionary says the tag holds: the
+                    # detectors must see it (-1 makes the sequence worth walking)
                     collect.add(-1)
             value = pos + header
             if length == _UNDEFINED:

@@ -287,3 +287,22 @@ def test_encoded_file_findings_match_header_findings(scanner: Inspector) -> None
     ds = add_nested_phi(add_private(ct_dataset()))
     whole = scanner.inspect(encode_instance(ds), True).findings
     assert pairs(whole) == pairs(scan(scanner, add_nested_phi(add_private(ct_dataset()))))
+
+
+@pytest.mark.parametrize("ts", [None, ImplicitVRLittleEndian])
+def test_nested_free_text_under_a_non_text_tag_is_scanned(
+    scanner: Inspector, ts: str | None
+) -> None:
+    """An element written with a text VR although its dictionary VR is not text (Rows,
+    US, as LT here), alone in a sequence: the detectors still read it (explicit VR), on
+    the fast path and the pydicom path alike."""
+    ds = ct_dataset()
+    item = Dataset()
+    item.add_new(0x00280010, "LT", "call 555-867-5309, SSN 123-45-6789")
+    ds.AnatomicRegionSequence = [item]
+    kwargs = {} if ts is None else {"transfer_syntax": ts}
+    found = pairs(scan(scanner, ds, **kwargs))
+    if ts is None:  # explicit VR: the file says LT
+        assert ("free_text.ssn", "AnatomicRegionSequence[0].Rows") in found
+    else:  # implicit VR has no VR in the file: pydicom (and casb) read it as Rows, US
+        assert not any(rule.startswith("free_text") for rule, _ in found)
