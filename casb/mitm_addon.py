@@ -498,6 +498,10 @@ class CasbAddon:
                 if msg.startswith("Request")
                 else (502, "upstream_body_too_large")
             )
+        elif flow.request.timestamp_end is None:
+            # The request never arrived whole: the client went away (or sent a broken
+            # body), not the upstream. 499 as nginx logs it: "client closed request".
+            status, code = 499, "client_disconnected"
         elif flow.response is not None:
             status, code = flow.response.status_code, "transfer_failed"
         else:

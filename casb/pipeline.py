@@ -183,7 +183,11 @@ class Pipeline:
                 "thumbnails, frames and bulk data cannot be de-identified; refused"
             )
             raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
-        return DlpPlan("response", str(mask), self.inspectors())
+        inspectors = self.inspectors()
+        refusal = inspectors.mask_refusal(str(mask), action, classification.resource)
+        if refusal is not None:
+            raise _Refused(Refusal(403, "forbidden", refusal), refusal)
+        return DlpPlan("response", str(mask), inspectors)
 
     async def _authenticate(
         self, req: IncomingRequest, query: Sequence[tuple[str, str]]
@@ -290,13 +294,21 @@ def _check_inspectable(plan: DlpPlan, headers: Sequence[tuple[str, str]]) -> Non
     before anything is forwarded."""
     if plan.direction != "request":
         return
-    ctype = encoding = ""
+    ctypes: list[str] = []
+    encoding = ""
     for name, value in headers:
         lname = name.lower()
         if lname == "content-type":
-            ctype = value
+            ctypes.append(value)
         elif lname == "content-encoding":
-            encoding = value.strip().lower()
+            # every coding listed, in any header: all must be identity
+            codings = [c.strip().lower() for c in value.split(",")]
+            encoding = next((c for c in codings if c not in ("", "identity")), encoding)
+    if len(ctypes) > 1:
+        # The upstream might frame the body by another one than the one inspected.
+        reason = "more than one Content-Type header: the upload's framing is ambiguous"
+        raise _Refused(Refusal(400, "bad_request", reason), reason)
+    ctype = ctypes[0] if ctypes else ""
     if encoding not in ("", "identity"):
         reason = (
             f"uploads are inspected for PHI and a {encoding!r}-encoded body cannot be; "

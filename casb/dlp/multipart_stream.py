@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
@@ -549,6 +550,11 @@ class MultipartDicomStream:
 
 def _parse_content_type(content_type: str) -> tuple[bytes, bool]:
     """(boundary, JSON+bulk data form?) from the message's Content-Type; ValueError."""
+    for name in ("boundary", "type"):
+        # parse_options_header keeps the last of repeated parameters; an upstream may take
+        # the first and frame the body differently from what was inspected.
+        if len(re.findall(rf"(?:^|;)\s*{name}\s*=", content_type, re.IGNORECASE)) > 1:
+            raise ValueError(f"more than one {name} parameter in Content-Type")
     try:
         media, params = parse_options_header(content_type)
     except (AssertionError, UnicodeError) as exc:

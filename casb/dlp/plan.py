@@ -8,10 +8,12 @@ here); the edge runs them on the request body (``dlp``: uploads) or on the respo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from casb.config import DlpConfig
+from casb.context import Action, Resource
 from casb.dlp.profile import DlpSettings
 
 if TYPE_CHECKING:
@@ -22,6 +24,11 @@ class DlpUnavailable(Exception):
     """DLP cannot run (no UID key configured for a de-identifying profile)."""
 
 
+# QIDO-RS parameters that are not matching keys.
+_QIDO_CONTROLS = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
+_UID_TAGS = (0x0020000D, 0x0020000E, 0x00080018)  # study, series, SOP instance
+
+
 class DlpInspectors:
     """The inspectors of one compiled policy's DLP section, keyed by profile name."""
 
@@ -30,7 +37,50 @@ class DlpInspectors:
         self.config = config
         self._uid_key = uid_key
         self._built: dict[str, Inspector] = {}
+        self._kept: dict[str, Callable[[int | None], bool]] = {}
         self._lock = threading.Lock()
+
+    def mask_refusal(self, profile: str, action: Action, resource: Resource) -> str | None:
+        """Why a masked read must be refused, or None. Masking hides what is returned;
+        matching on what it hides would still link an identity to the results (search
+        PatientID=X, get X's studies), and naming original UIDs links them to the
+        replaced ones. So a masked request may only match on attributes the profile
+        keeps unchanged, and name UIDs only when it keeps UIDs."""
+        kept = self._kept_by(profile)
+        if not all(kept(tag) for tag in _UID_TAGS) and (
+            resource.study_uid or resource.series_uid or resource.instance_uid
+        ):
+            return (
+                f"the policy masks this read with profile '{profile}', which replaces UIDs: "
+                "a request naming original UIDs would link them to the replaced ones"
+            )
+        if action != Action.SEARCH:
+            return None
+        refused = sorted(
+            key
+            for key in resource.query
+            if key.lower() not in _QIDO_CONTROLS and not all(kept(tag) for tag in _tags_of(key))
+        )
+        if refused:
+            return (
+                f"the policy masks this search with profile '{profile}': matching on "
+                f"{', '.join(refused)} is refused (the profile removes or changes them, and "
+                "a match would link that identity to the results)"
+            )
+        return None
+
+    def _kept_by(self, profile: str) -> Callable[[int | None], bool]:
+        found = self._kept.get(profile)
+        if found is None:
+            from casb.dlp.rules import ActionTable, load_table
+
+            table = ActionTable(load_table(), self.settings.profiles[profile].deidentify or [])
+
+            def kept(tag: int | None) -> bool:
+                return tag is not None and table.action(tag) == "K"
+
+            found = self._kept[profile] = kept
+        return found
 
     def missing_key_profiles(self) -> list[str]:
         """Profiles that de-identify while no UID key is configured."""
@@ -76,3 +126,11 @@ class DlpPlan:
 
     def inspector(self) -> Inspector:
         return self.inspectors.inspector(self.profile)
+
+
+def _tags_of(key: str) -> list[int | None]:
+    """The tags a QIDO key names (a keyword, or a dotted path into sequences); None for
+    a part that names no attribute (refused: it cannot be shown to be kept)."""
+    from pydicom.datadict import tag_for_keyword
+
+    return [tag_for_keyword(part) for part in key.split(".")]

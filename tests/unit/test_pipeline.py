@@ -360,3 +360,69 @@ async def test_audit_record_has_the_contract_fields_and_no_query_values(
     assert rec["query_keys"] == ["PatientID", "PatientName"]
     assert rec["bytes_out"] == 1234 and rec["decision"] == "allow"
     assert datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).tzinfo == UTC
+
+
+@pytest.mark.parametrize(
+    ("target", "refused"),
+    [
+        ("/research/studies?ModalitiesInStudy=CT&includefield=all&limit=5", None),
+        ("/research/studies?StudyDate=20240101", None),  # research-view keeps full dates
+        ("/research/studies?PatientID=SENT4711", "PatientID"),
+        ("/research/studies?00100010=Doe*", "PatientName"),
+        ("/research/studies?PatientBirthDate=19370215", "PatientBirthDate"),
+        ("/research/studies?ReferringPhysicianName=X", "ReferringPhysicianName"),
+        ("/research/studies?0019100A=x", "0019100A"),  # a private tag: never kept
+        ("/research/studies?NotAnAttribute=x", "NotAnAttribute"),
+        ("/research/studies/1.2.3/series", None),  # research-view keeps UIDs
+    ],
+)
+async def test_masked_searches_may_only_match_on_what_the_profile_keeps(
+    tmp_path: Path, key: TestKey, target: str, refused: str | None
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    tx = await rt.pipeline.decide(request(target, token(key, ["researcher"])))
+    if refused is None:
+        assert isinstance(tx.outcome, Forward), tx.outcome
+    else:
+        assert isinstance(tx.outcome, Refusal)
+        assert (tx.outcome.status, tx.outcome.code) == (403, "forbidden")
+        assert f"matching on {refused} is refused" in tx.outcome.message
+        assert "SENT4711" not in tx.outcome.message  # names keys, never values
+
+
+async def test_a_mask_that_replaces_uids_refuses_requests_naming_uids(
+    tmp_path: Path, key: TestKey
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nroles: {staff: {}}\nrules:\n"
+        "  - {id: r, effect: allow, roles: [staff], actions: [search, retrieve],"
+        " destinations: [research], obligations: {mask: strict}}\n"
+        "dlp: {profiles: {strict: {deidentify: []}}}\n"
+    )
+    rt = make_runtime(tmp_path, key)
+    rt.pipeline.policy = load_policy([policy], {"pacs", "research"})
+    tok = token(key, ["staff"])
+    tx = await rt.pipeline.decide(request("/research/studies?ModalitiesInStudy=MR", tok))
+    assert isinstance(tx.outcome, Forward)
+    for target in ("/research/studies/1.2.3", "/research/studies/1.2.3/series"):
+        tx = await rt.pipeline.decide(request(target, tok))
+        assert isinstance(tx.outcome, Refusal) and "replaces UIDs" in tx.outcome.message
+
+
+async def test_two_content_types_make_an_inspected_upload_ambiguous(
+    tmp_path: Path, key: TestKey
+) -> None:
+    rt = make_runtime(tmp_path, key)
+    req = IncomingRequest(
+        method="POST",
+        target="/pacs/studies",
+        headers=[
+            ("Authorization", f"Bearer {token(key, ['technologist'])}"),
+            ("Content-Type", 'multipart/related; type="application/dicom"; boundary=a'),
+            ("Content-Type", 'multipart/related; type="application/dicom"; boundary=b'),
+        ],
+    )
+    tx = await rt.pipeline.decide(req)
+    assert isinstance(tx.outcome, Refusal)
+    assert (tx.outcome.status, tx.outcome.code) == (400, "bad_request")
