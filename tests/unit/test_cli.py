@@ -59,7 +59,7 @@ def test_policy_test_passes_on_the_hospital_cases(
     dev_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["policy", "test", "--config", str(dev_config), str(CASES)]) == 0
-    assert capsys.readouterr().out.strip().endswith("21 passed, 0 failed")
+    assert capsys.readouterr().out.strip().endswith("22 passed, 0 failed")
 
 
 def test_policy_test_reports_failures(
