@@ -57,6 +57,9 @@ class Runtime:
                     f"DLP profile(s) {', '.join(missing)} de-identify, which needs a UID key "
                     "shared by every replica: set dlp.uid_key_file or dlp.uid_key_env"
                 )
+            inspectors = pipeline.inspectors()
+            for name in inspectors.settings.profiles:  # built now, not on a first request
+                inspectors.inspector(name)
             pipeline.audit = AuditLog(settings.audit.path)
         return cls(settings=settings, pipeline=pipeline)
 
