@@ -177,7 +177,7 @@ class _AuditedStream:
     written, the last chunk is never released and the flow is cut. An inner transform
     (DLP) rewrites the body on the way; if it fails, the flow is cut as well."""
 
-    __slots__ = ("addon", "count", "flow", "held", "inner", "tx")
+    __slots__ = ("addon", "count", "cut", "flow", "held", "inner", "tx")
 
     def __init__(
         self,
@@ -190,9 +190,16 @@ class _AuditedStream:
         self.inner = inner
         self.count = 0
         self.held = b""
+        self.cut = False
 
     def __call__(self, data: bytes) -> list[bytes]:
+        if self.cut:
+            # mitmproxy keeps delivering the upstream's body after a kill (it checks only
+            # when the body ends): none of it may reach the client.
+            return []
         if self.tx.finished:  # mitmproxy sent data after the end: pass it on
+            if self.inner is not None:
+                return []  # never unchecked bytes around a transform
             self.count += len(data)
             return [data] if data else []
         if self.inner is not None:
@@ -207,12 +214,12 @@ class _AuditedStream:
                 self.inner.failure = f"internal error: {type(exc).__name__}"
                 chunks = []
                 data = b""
+            if self.inner.failure is not None:  # failed now, or (at the end) overall
+                self._cut(self.inner.failure)
+                return []
             if data:
                 return self._hold(chunks)
             self._hold(chunks)  # flushed at the end
-            if self.inner.failure is not None:
-                self._cut(self.inner.failure)
-                return []
             return self._end()
         if data:
             return self._hold([data])
@@ -233,6 +240,7 @@ class _AuditedStream:
         """The body must not be completed: audit why and cut the connection."""
         assert self.flow.response is not None
         self.held = b""
+        self.cut = True
         self.addon._finish(
             self.flow,
             self.tx,
