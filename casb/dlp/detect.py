@@ -353,6 +353,14 @@ class Detector:
             else None
         )
         self._descriptors = frozenset(tag for tag, row in table.rows.items() if row.descriptor)
+        # Attributes the basic profile removes or empties and no profile option keeps:
+        # one of them with a value contradicts Patient Identity Removed = YES. (Others,
+        # such as descriptors or dates, may be kept by an option the instance declares.)
+        self._never_retained = frozenset(
+            tag_text(tag)
+            for tag, row in table.rows.items()
+            if row.action in ("X", "Z") and not row.options
+        )
         self._interesting_cache: dict[int, bool] = {}
         self.tag_infos: dict[int, TagInfo] = {}  # read by casb.dlp.explicit_le too
         self.safe_private = frozenset(
@@ -407,6 +415,14 @@ class Detector:
         if self._pattern_prefixes is not None and (tag >> 24) not in self._pattern_prefixes:
             return False  # a quick no for the tags outside the curve/overlay groups
         return any(tag & mask == value for mask, value in self._removed_patterns)
+
+    def contradicts_identity_removed(self, findings: list[Finding]) -> bool:
+        """Free-text PHI, or an attribute no de-identification option may keep."""
+        return any(
+            f.rule.startswith("free_text.")
+            or (f.rule == "annex_e" and f.tag in self._never_retained)
+            for f in findings
+        )
 
     def is_descriptor(self, tag: int) -> bool:
         return tag in self._descriptors
@@ -578,9 +594,7 @@ class Detector:
                     "BurnedInAnnotation",
                 )
             )
-        if _upper(ds, PATIENT_IDENTITY_REMOVED) == "YES" and any(
-            f.rule == "annex_e" or f.rule.startswith("free_text.") for f in out
-        ):
+        if _upper(ds, PATIENT_IDENTITY_REMOVED) == "YES" and self.contradicts_identity_removed(out):
             out.append(
                 Finding(
                     "identity_removed_contradicted",

@@ -406,9 +406,9 @@ class ExplicitLittleEndian:
             and self._code_string(run, MODALITY) in self._detector.burned_in_modalities
         ):
             out.append(_burned_in_finding("burned_in_annotation.unknown"))
-        if self._code_string(run, PATIENT_IDENTITY_REMOVED) == "YES" and any(
-            f.rule == "annex_e" or f.rule.startswith("free_text.") for f in out
-        ):
+        if self._code_string(
+            run, PATIENT_IDENTITY_REMOVED
+        ) == "YES" and self._detector.contradicts_identity_removed(out):
             out.append(
                 Finding(
                     "identity_removed_contradicted",

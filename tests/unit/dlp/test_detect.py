@@ -306,3 +306,25 @@ def test_nested_free_text_under_a_non_text_tag_is_scanned(
         assert ("free_text.ssn", "AnatomicRegionSequence[0].Rows") in found
     else:  # implicit VR has no VR in the file: pydicom (and casb) read it as Rows, US
         assert not any(rule.startswith("free_text") for rule, _ in found)
+
+
+def test_attributes_an_option_keeps_do_not_contradict_identity_removed(
+    scanner: Inspector, make_inspector: InspectorFactory
+) -> None:
+    """Output of casb's own de-identification with options that keep descriptors and
+    dates is not flagged (those attributes may be kept); a remaining PatientName is."""
+    ds = ct_dataset()
+    ds.StudyDescription = "CT chest"
+    header, _ = split_at_pixel_data(ds)
+    keep = make_inspector(deidentify=["clean_descriptors", "retain_longitudinal_full_dates"])
+    cleaned = keep.inspect(header, False).header
+    found = scanner.inspect(cleaned, False).findings
+    assert ("annex_e", "StudyDescription") in pairs(found)  # kept, and still reported
+    assert "identity_removed_contradicted" not in {f.rule for f in found}
+
+    claims = ct_dataset()
+    claims.PatientIdentityRemoved = "YES"
+    claims.StudyDescription = "CT chest"
+    del claims.PatientID, claims.PatientBirthDate  # PatientName stays
+    still_named = pairs(scan(scanner, claims))
+    assert ("identity_removed_contradicted", "PatientIdentityRemoved") in still_named
