@@ -48,7 +48,6 @@ per core.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import importlib
 import io
@@ -69,8 +68,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import pydicom  # noqa: E402
+from proxy_overhead import cpu_model  # noqa: E402  (the benchmarks share machine info)
 from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence as DicomSequence  # noqa: E402
@@ -659,15 +660,7 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
+def _dist_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -775,8 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "python": platform.python_version(),
         "pydicom": pydicom.__version__,
-        "dicognito": _version("dicognito"),
-        "casb": _version("casb"),
+        "dicognito": _dist_version("dicognito"),
+        "casb": _dist_version("casb"),
         "cpu": cpu_model(),
         "nproc": os.cpu_count(),
         "pinned_cpu": pinned,
