@@ -26,7 +26,14 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from casb.audit import AuditError
 from casb.config import ConfigError, load_settings
-from casb.dlp.enforce import mask_json_body, record_stream, response_kind, upload_answer
+from casb.dlp.enforce import (
+    count_instance,
+    mask_json_body,
+    record_stream,
+    response_kind,
+    upload_answer,
+    verdict_outcome,
+)
 from casb.dlp.findings import InstanceError
 from casb.dlp.plan import DlpPlan, DlpUnavailable
 from casb.exchange import DlpReport, Forward, IncomingRequest, Refusal, Transaction
@@ -155,19 +162,14 @@ class _MaskedInstance(_Transform):
         out = list(self.stream.finish())
         report = self.tx.dlp
         assert report is not None
-        report.instances += 1
         verdict = self.stream.verdict
         report.findings.extend((*(verdict.findings if verdict else ()), *self.stream.findings))
-        if self.stream.error is not None:
-            report.failed += 1
-            report.errors.append(self.stream.error)
+        outcome = "failed" if self.stream.error is not None else verdict_outcome(verdict)
+        count_instance(report, outcome, self.stream.error)
+        if outcome == "failed":
             self.failure = self.stream.error
-        elif verdict is None or verdict.action == "block":
-            report.blocked += 1
+        elif outcome == "blocked":
             self.failure = "the instance is blocked by the DLP profile"
-        else:
-            report.deidentified += verdict.action == "deidentified"
-            report.forwarded += 1
         return out
 
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
-from casb.dlp.findings import InstanceError
+from casb.dlp.findings import InstanceError, Verdict
 from casb.exchange import DlpReport
 
 if TYPE_CHECKING:
@@ -69,25 +69,41 @@ def record_stream(report: DlpReport, stream: MultipartDicomStream) -> None:
         report.errors.append(stream.fatal)
 
 
+InstanceOutcome = Literal["forwarded", "deidentified", "blocked", "failed"]
+
+
+def count_instance(report: DlpReport, outcome: InstanceOutcome, error: str | None = None) -> None:
+    """Count one inspected instance in the audit report."""
+    report.instances += 1
+    if outcome == "failed":
+        report.failed += 1
+        if error is not None:
+            report.errors.append(error)
+    elif outcome == "blocked":
+        report.blocked += 1
+    else:
+        report.forwarded += 1
+        report.deidentified += outcome == "deidentified"
+
+
+def verdict_outcome(verdict: Verdict | None) -> InstanceOutcome:
+    if verdict is None or verdict.action == "block":
+        return "blocked"
+    return "deidentified" if verdict.action == "deidentified" else "forwarded"
+
+
 def _record_parts(report: DlpReport, results: Iterable[PartResult]) -> None:
     from casb.dlp.stow_response import FAILURE_BLOCKED
 
     for part in results:
         if part.kind == "bulk":
             continue
-        report.instances += 1
         if part.failure_code == FAILURE_BLOCKED:
-            report.blocked += 1
+            count_instance(report, "blocked")
         elif part.failure_code is not None or part.error is not None:
-            report.failed += 1
-            if part.error is not None:
-                report.errors.append(part.error)
-        elif part.verdict is not None and part.verdict.action == "block":
-            report.blocked += 1  # a response-side instance dropped by the profile
-        else:
-            report.forwarded += 1
-            if part.verdict is not None and part.verdict.action == "deidentified":
-                report.deidentified += 1
+            count_instance(report, "failed", part.error)
+        else:  # a response-side instance the profile blocks is dropped: "blocked"
+            count_instance(report, verdict_outcome(part.verdict))
 
 
 def upload_answer(
