@@ -64,6 +64,8 @@ from pydicom.values import converters
 from casb.dlp.findings import InstanceError
 
 MAX_DEPTH: Final = 64  # sequence nesting levels
+# VRs whose values the free-text detectors always scan (detect.ALWAYS_SCANNED_VRS).
+_FREE_TEXT_VRS: Final = frozenset({b"ST", b"LT", b"UT", b"UC"})
 DEFAULT_MAX_INFLATED: Final = 64 * 1024 * 1024  # a deflated instance, inflated
 
 _PREAMBLE: Final = 128
@@ -95,10 +97,6 @@ _BE_IMPLICIT = struct.Struct(">HHL")
 # they are dropped, so no value of an instance reaches a log or stderr.
 
 _QUIET: ContextVar[bool] = ContextVar("casb_dlp_quiet", default=False)
-
-
-# VRs whose values the free-text detectors always scan (detect.ALWAYS_SCANNED_VRS).
-_FREE_TEXT_VRS: Final = frozenset({b"ST", b"LT", b"UT", b"UC"})
 
 
 class _DropWhileQuiet(logging.Filter):
