@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import pydicom  # noqa: E402
-from proxy_overhead import cpu_model  # noqa: E402  (the benchmarks share machine info)
+from proxy_overhead import _fmt, cpu_model, text_table  # noqa: E402  (shared report helpers)
 from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence as DicomSequence  # noqa: E402
@@ -575,10 +575,6 @@ def summarise(
     return rows
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 HEADERS = [
     "variant",
     "instances/s",
@@ -607,21 +603,6 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
             ]
         )
     return out
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    all_rows = [list(headers), *map(list, rows)]
-    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
-    out = []
-    for n, row in enumerate(all_rows):
-        cells = [
-            c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        out.append("  ".join(cells).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -797,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{meta['pydicom']}, dicognito {meta['dicognito']}; {len(series)} CT instances "
         f"(header {meta['header_bytes_median']:,} B), median of {args.reps} passes"
     )
-    print(text_table(HEADERS, table_rows(rows)))
+    print(text_table(HEADERS, table_rows(rows), text_last=True))
     print(
         f"targets (issue): scan >= {TARGET_SCAN_PER_S:,.0f}/s, de-identification >= "
         f"{TARGET_DEID_PER_S:,.0f}/s per core"

@@ -737,16 +737,20 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def text_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, text_last: bool = False
+) -> str:
+    """Columns right-aligned but the first (and the last, when it holds text)."""
     all_rows = [list(headers), *map(list, rows)]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
+    left = {0, len(headers) - 1} if text_last else {0}
     out = []
     for n, row in enumerate(all_rows):
         cells = [
-            c.ljust(w) if i == 0 else c.rjust(w)
+            c.ljust(w) if i in left else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
-        out.append("  ".join(cells))
+        out.append("  ".join(cells).rstrip() if text_last else "  ".join(cells))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

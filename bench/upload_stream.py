@@ -75,7 +75,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -94,6 +93,9 @@ from proxy_overhead import (  # noqa: E402
     MITMDUMP,
     BenchError,
     Mitmdump,
+    _fmt,
+    _interrupt,
+    _version,
     audit_lines,
     cpu_model,
     cpu_ticks,
@@ -938,10 +940,6 @@ HEADERS = [
 ]
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def size_label(n: int) -> str:
     return f"{n / 1e9:g} GB" if n >= 10**9 else f"{n / 1e6:g} MB"
 
@@ -1034,13 +1032,6 @@ def markdown(summary: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "## Notes", "", *(f"- {n}" for n in meta["notes"])]
     lines.append("")
     return "\n".join(lines)
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def parse_size(text: str) -> int:
@@ -1229,10 +1220,6 @@ def print_run(run: Run, rounds: int) -> None:
         f"{run.vmhwm_mb:7.1f} MB  in {run.body_bytes_in:,} out {run.body_bytes_out:,}{failed}",
         file=sys.stderr,
     )
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":
