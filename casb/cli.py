@@ -8,6 +8,9 @@
     casb policy schema       print the policy JSON Schema
     casb token mint          mint a dev token (dev signing key only)
     casb audit verify        check an audit log's hash chain
+    casb dlp scan|deid       DICOM header DLP on files
+    casb envelope keygen     new keyring of key-encryption keys (envelope encryption)
+    casb envelope rotate     add a key-encryption key and make it the primary
 
 Exit codes: 0 success; 1 the check ran and failed (tampering found, a test failed, a
 request would be denied with --exit-code); 2 usage or configuration error.
@@ -296,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     from casb.dlp.cli import add_dlp_commands
 
     add_dlp_commands(sub)
+
+    from casb.encryption.cli import add_commands as add_envelope_commands
+
+    add_envelope_commands(sub)
     return parser
 
 
