@@ -1,0 +1,36 @@
+"""Uploads must not publish what they store: canned ACLs and grants that open an object
+to the world (or to every authenticated cloud user, or to other accounts) are refused.
+
+S3 `x-amz-acl: public-read | public-read-write | authenticated-read` and any
+`x-amz-grant-*` header (grants name other accounts or groups); GCS XML
+`x-goog-acl: public-read | public-read-write | authenticated-read` (the JSON API's
+`predefinedAcl` is refused by the classifier). Azure has no per-blob public access (it
+is a container setting, and container operations are not forwarded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+_OPEN_CANNED = frozenset({"public-read", "public-read-write", "authenticated-read"})
+_ACL_HEADER = {"s3": "x-amz-acl", "gcs": "x-goog-acl"}
+
+
+def public_access_refusal(kind: str, headers: Sequence[tuple[str, str]]) -> str | None:
+    """Why an upload's ACL headers are refused, or None."""
+    acl = _ACL_HEADER.get(kind)
+    if acl is None:
+        return None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == acl and value.strip().lower() in _OPEN_CANNED:
+            return (
+                f"uploads may not open objects to others: {acl} "
+                f"{value.strip().lower()} is refused (use private or bucket-owner-full-control)"
+            )
+        if kind == "s3" and lname.startswith("x-amz-grant-"):
+            return (
+                f"uploads may not grant access to others: the {lname} header is refused "
+                "(access is decided by casb's policy)"
+            )
+    return None
