@@ -57,6 +57,14 @@ class Resource:
     # QIDO-RS / WADO-URI query keys (DICOM keywords where the key names an attribute)
     # mapped to every value given. Values can be PHI: never log them.
     query: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    # Object stores (S3, GCS, Azure Blob): the bucket (container) and object key (blob
+    # name) the URL names, and the store operation, e.g. "PutObject", "UploadPart",
+    # "PutBlock". Keys can be PHI (file names): audit records carry them only hashed.
+    bucket: str | None = None
+    key: str | None = None
+    operation: str = ""
+    # CopyObject / UploadPartCopy: the (bucket, key) read from; authorized as a retrieve.
+    copy_source: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,10 @@
 
 `normalize_target` gives the one canonical reading of a request-target (or refuses
 it); `effective_method` reads the method; a protocol classifier (`classify_dicomweb`)
-maps the canonical form to a `Classification`. The proxy forwards
-`encode_target(...)` of what was classified, never the raw target.
+maps the canonical form to a `Classification`; the object-store classifiers
+(`classify_s3`, `classify_gcs`, `classify_azure`) do the same for S3, GCS and Azure
+Blob. The proxy forwards `encode_target(...)` of what was classified (with the
+classification's `forward_path` when set), never the raw target.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ class Classification:
     action: Action
     resource: Resource
     reason: str = ""
+    # The upstream path segments (relative to the destination's base) when they differ
+    # from the request's: S3 virtual-hosted -> path-style, GCS JSON object names as one
+    # segment. None: forward the request's own segments.
+    forward_path: tuple[str, ...] | None = None
 
 
 # The classifiers import Classification from here, so it is defined first.
@@ -32,12 +38,16 @@ from casb.classify.normalize import (  # noqa: E402
     encode_target,
     normalize_target,
 )
+from casb.classify.objectstore import classify_azure, classify_gcs, classify_s3  # noqa: E402
 
 __all__ = [
     "Classification",
     "MalformedTarget",
     "Target",
+    "classify_azure",
     "classify_dicomweb",
+    "classify_gcs",
+    "classify_s3",
     "effective_method",
     "encode_target",
     "normalize_target",

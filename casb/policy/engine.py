@@ -36,7 +36,8 @@ Conditions (``when``): every listed condition must hold.
                   that itself contains dots (``https://example.org/dept``) is looked up
                   whole first.
     ``query``     QIDO-RS / WADO-URI query keys.
-    ``resource``  ``study_uid``, ``series_uid``, ``instance_uid`` from the URL.
+    ``resource``  ``study_uid``, ``series_uid``, ``instance_uid`` from the URL; for
+                  object stores ``bucket`` (Azure: container) and ``key`` (blob name).
     ``time``      a window in an IANA time zone: ``after`` inclusive, ``before``
                   exclusive (HH:MM); ``after`` later than ``before`` wraps midnight
                   (19:00-07:00 is a night shift); ``days`` (mon..sun) are the weekday
@@ -52,6 +53,16 @@ list), ``present`` (bool). Values are compared as strings (booleans as ``true`` 
     ``prefix`` when ANY element matches; ``not_in`` holds when NO element is in the
     list. A missing (or null) fact fails ``in`` / ``equals`` / ``prefix``, satisfies
     ``not_in``, and satisfies ``present: false``.
+
+    Object-store ``bucket`` and ``key`` fail closed when the request does not name
+    them. An allow rule's ``in`` / ``equals`` / ``prefix`` / ``not_in`` never holds
+    for a missing bucket or key: a bucket-level request (listing, browser POST upload,
+    DeleteObjects) names no key, so it passes a rule with a ``key`` condition only if
+    another rule allows it (condition listings on ``bucket``). A deny rule's ``key``
+    condition applies to every request on a bucket that names no key (it could touch
+    the keys the rule protects); one naming neither bucket nor key (DICOMweb, listing
+    the buckets) touches no object and is not caught by ``bucket`` / ``key``
+    conditions. ``present`` reads the field as it is.
 
     Query keys can carry several values (a repeated key, or a comma- or
     backslash-separated list, which is split). A query condition must hold for what
@@ -450,10 +461,13 @@ def compile_rule(
     when = rule.when
     checks: list[Check] = []
     kinds: list[str] = ["mfa"] if when.mfa is not None else []
-    for name in ("study_uid", "series_uid", "instance_uid"):
+    for name in ("study_uid", "series_uid", "instance_uid", "bucket", "key"):
         matcher: Matcher | None = getattr(when.resource, name)
         if matcher is not None:
-            checks.append(_resource_check(name, matcher))
+            if name in ("bucket", "key"):
+                checks.append(_object_check(name, matcher, allow=allow))
+            else:
+                checks.append(_resource_check(name, matcher))
             kinds.append(f"resource.{name}")
     for path, matcher in when.claims.items():
         checks.append(_claim_check(path, matcher))
@@ -635,6 +649,47 @@ def _resource_check(name: str, matcher: Matcher) -> Check:
 
         return check_prefix
     return lambda p, r, f: (get(r) is not None) is present
+
+
+# object-store bucket / key: a missing field fails closed (see the module docstring)
+
+
+def _never(r: Resource) -> bool:
+    return False
+
+
+def _names_bucket(r: Resource) -> bool:
+    return r.bucket is not None
+
+
+def _object_check(name: str, matcher: Matcher, *, allow: bool) -> Check:
+    op, values, prefixes, present = _operands(matcher)
+    get: Callable[[Resource], str | None] = attrgetter(name)
+    if op == "present":
+        return lambda p, r, f: (get(r) is not None) is present
+    # What a missing value answers: allow rules never match; a deny on keys catches
+    # requests on a bucket that name no key.
+    missing = _names_bucket if name == "key" and not allow else _never
+    if op == "in":
+
+        def check_in(p: Principal, r: Resource, f: RequestFacts) -> bool:
+            value = get(r)
+            return missing(r) if value is None else value in values
+
+        return check_in
+    if op == "not_in":
+
+        def check_not_in(p: Principal, r: Resource, f: RequestFacts) -> bool:
+            value = get(r)
+            return missing(r) if value is None else value not in values
+
+        return check_not_in
+
+    def check_prefix(p: Principal, r: Resource, f: RequestFacts) -> bool:
+        value = get(r)
+        return missing(r) if value is None else value.startswith(prefixes)
+
+    return check_prefix
 
 
 # query: several values; allow rules need every value, deny rules any value

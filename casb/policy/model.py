@@ -181,11 +181,15 @@ class Matcher(_Model):
 
 
 class ResourceConditions(_Model):
-    """Conditions on the UIDs the request URL names."""
+    """Conditions on what the request URL names: DICOM UIDs, and for object stores the
+    bucket (Azure: container) and object key (blob name), e.g. ``key: {prefix: research/}``.
+    """
 
     study_uid: Matcher | None = None
     series_uid: Matcher | None = None
     instance_uid: Matcher | None = None
+    bucket: Matcher | None = None
+    key: Matcher | None = None
 
 
 class TimeWindow(_Model):

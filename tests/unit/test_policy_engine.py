@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from casb.context import Action, Principal, RequestFacts, Resource
-from casb.policy import CompiledPolicy, Decision, compile_policy, load_policy, parse_policy
+from casb.policy import (
+    CompiledPolicy,
+    Decision,
+    PolicyLoadError,
+    compile_policy,
+    load_policy,
+    parse_policy,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 WEDNESDAY_NOON = datetime(2024, 6, 5, 12, 0, tzinfo=UTC)
@@ -445,6 +452,162 @@ def test_each_resource_field_is_checked() -> None:
     assert ask(policy, who("staff"), "retrieve", study_uid="1.1", series_uid="2.5").allow
     assert not ask(policy, who("staff"), "retrieve", study_uid="1.1", series_uid="3.5").allow
     assert not ask(policy, who("staff"), "retrieve", series_uid="2.5").allow
+
+
+# -- matchers: object-store bucket and key ----------------------------------------------
+
+
+def ask_object(
+    policy: CompiledPolicy,
+    action: Action,
+    bucket: str | None,
+    key: str | None,
+    *,
+    roles: tuple[str, ...] = ("staff",),
+    destination: str = "images",
+) -> Decision:
+    resource = Resource(destination=destination, bucket=bucket, key=key, operation="Op")
+    return policy.decide(who(*roles), action, resource, RequestFacts(time=WEDNESDAY_NOON))
+
+
+def object_policy(condition: str, effect: str = "allow") -> CompiledPolicy:
+    rules = (
+        f"- {{id: cond, effect: {effect}, roles: [staff], actions: [retrieve, store, list], "
+        f"destinations: [images], when: {{resource: {condition}}}}}\n"
+    )
+    if effect == "deny":
+        rules += (
+            "- {id: base, effect: allow, roles: [staff], actions: [retrieve, store, list], "
+            "destinations: [images]}\n"
+        )
+    return rule_policy(rules)
+
+
+@pytest.mark.parametrize(
+    ("condition", "bucket", "key", "expected"),
+    [
+        ("{key: {prefix: research/}}", "scans", "research/ct/1.dcm", True),
+        ("{key: {prefix: research/}}", "scans", "researchers/1.dcm", False),
+        ("{key: {prefix: research/}}", "scans", "clinical/research/1.dcm", False),
+        ("{key: {prefix: [a/, b/]}}", "scans", "b/1.dcm", True),
+        ("{key: {in: [x.dcm]}}", "scans", "x.dcm", True),
+        ("{key: {equals: x.dcm}}", "scans", "y.dcm", False),
+        ("{key: {not_in: [x.dcm]}}", "scans", "y.dcm", True),
+        ("{key: {not_in: [x.dcm]}}", "scans", "x.dcm", False),
+        ("{bucket: {in: [scans, archive]}}", "archive", "a.dcm", True),
+        ("{bucket: {in: [scans]}}", "other", "a.dcm", False),
+        ("{bucket: {prefix: research-}}", "research-ct", None, True),
+        ("{bucket: {not_in: [secret]}}", "scans", None, True),
+        # A field the request does not name: allow rules fail closed, even not_in.
+        ("{key: {prefix: research/}}", "scans", None, False),
+        ("{key: {in: [x.dcm]}}", "scans", None, False),
+        ("{key: {not_in: [x.dcm]}}", "scans", None, False),
+        ("{bucket: {not_in: [secret]}}", None, None, False),
+        ("{bucket: {in: [scans]}}", None, None, False),
+        # present reads the field as it is.
+        ("{key: {present: true}}", "scans", "a", True),
+        ("{key: {present: true}}", "scans", None, False),
+        ("{key: {present: false}}", "scans", None, True),
+        ("{bucket: {in: [scans]}, key: {prefix: research/}}", "scans", "research/a", True),
+        ("{bucket: {in: [scans]}, key: {prefix: research/}}", "other", "research/a", False),
+    ],
+)
+def test_object_matchers_in_allow_rules(
+    condition: str, bucket: str | None, key: str | None, expected: bool
+) -> None:
+    policy = object_policy(condition)
+    decision = ask_object(policy, Action.RETRIEVE, bucket, key)
+    assert decision.allow is expected
+    assert decision.rule_id == ("cond" if expected else None)
+
+
+@pytest.mark.parametrize(
+    ("condition", "bucket", "key", "denied"),
+    [
+        ("{key: {prefix: vip/}}", "scans", "vip/a.dcm", True),
+        ("{key: {prefix: vip/}}", "scans", "public/a.dcm", False),
+        ("{key: {in: [x.dcm]}}", "scans", "x.dcm", True),
+        ("{key: {not_in: [x.dcm]}}", "scans", "x.dcm", False),
+        ("{key: {not_in: [x.dcm]}}", "scans", "y.dcm", True),
+        ("{bucket: {in: [secret]}}", "secret", None, True),
+        ("{bucket: {in: [secret]}}", "scans", "a", False),
+        # A bucket-level request (listing, browser POST, DeleteObjects) names no key but
+        # can touch the protected keys: the deny applies.
+        ("{key: {prefix: vip/}}", "scans", None, True),
+        ("{key: {in: [x.dcm]}}", "scans", None, True),
+        ("{key: {not_in: [x.dcm]}}", "scans", None, True),
+        # Neither bucket nor key (DICOMweb, listing buckets): no object is touched.
+        ("{key: {prefix: vip/}}", None, None, False),
+        ("{bucket: {in: [secret]}}", None, None, False),
+        ("{key: {present: false}}", "scans", None, True),
+        ("{key: {present: false}}", "scans", "a", False),
+    ],
+)
+def test_object_matchers_in_deny_rules(
+    condition: str, bucket: str | None, key: str | None, denied: bool
+) -> None:
+    policy = object_policy(condition, effect="deny")
+    decision = ask_object(policy, Action.LIST if key is None else Action.RETRIEVE, bucket, key)
+    assert decision.allow is not denied
+    assert decision.rule_id == ("cond" if denied else "base")
+
+
+def test_key_conditions_guard_research_prefix_per_action() -> None:
+    policy = rule_policy(
+        """
+        - id: research-read
+          effect: allow
+          roles: [staff]
+          actions: [retrieve, list]
+          destinations: [images]
+          when: {resource: {bucket: [scans], key: {prefix: research/}}}
+        - id: research-list
+          effect: allow
+          roles: [staff]
+          actions: [list]
+          destinations: [images]
+          when: {resource: {bucket: [scans]}}
+        - id: no-vip
+          effect: deny
+          roles: ['*']
+          actions: ['*']
+          destinations: [images]
+          when: {resource: {key: {prefix: vip/}}}
+        """
+    )
+    assert ask_object(policy, Action.RETRIEVE, "scans", "research/1.dcm").rule_id == (
+        "research-read"
+    )
+    assert not ask_object(policy, Action.RETRIEVE, "scans", "clinical/1.dcm").allow
+    assert not ask_object(policy, Action.RETRIEVE, "other", "research/1.dcm").allow
+    assert not ask_object(policy, Action.STORE, "scans", "research/1.dcm").allow
+    # A listing names no key: the prefix rule does not match it, the bucket rule does
+    # -- but the deny on vip/ keys catches every bucket-level request.
+    listing = ask_object(policy, Action.LIST, "scans", None)
+    assert not listing.allow and listing.rule_id == "no-vip"
+    vip = ask_object(policy, Action.RETRIEVE, "scans", "vip/research/1.dcm")
+    assert not vip.allow and vip.rule_id == "no-vip"
+    # The same deny leaves requests that name no object alone (another destination
+    # kind, or listing the buckets).
+    assert ask_object(policy, Action.LIST, None, None).rule_id is None
+
+
+def test_object_conditions_are_listed_for_explain() -> None:
+    policy = object_policy("{bucket: [scans], key: {prefix: research/}}")
+    (rule,) = policy.rules
+    assert rule.condition_kinds == ("resource.bucket", "resource.key")
+
+
+def test_unknown_resource_condition_fields_are_refused() -> None:
+    with pytest.raises(PolicyLoadError, match=r"resource\.objectkey"):
+        object_policy("{objectkey: {prefix: research/}}")
+
+
+def test_object_conditions_never_leak_keys_into_reasons() -> None:
+    policy = object_policy("{key: {prefix: research/}}")
+    for key in (SENTINEL, "research/" + SENTINEL):
+        text = json.dumps(ask_object(policy, Action.RETRIEVE, SENTINEL, key).to_json())
+        assert SENTINEL not in text
 
 
 # -- matchers: query --------------------------------------------------------------------
