@@ -10,6 +10,7 @@ are used: they are what ``make run`` starts with.
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,14 +50,46 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ListenerTls(_Model):
+    """The certificate the listener presents to clients (reverse mode). PEM files; the
+    certificate file may hold the chain after the leaf."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class Listener(_Model):
     """One proxy listener. `reverse`: clients use the proxy as their DICOMweb base URL
-    (``http://proxy:8080/<route>/``). `forward`: clients use it as an HTTP(S) proxy and
-    trust its CA."""
+    (``https://proxy:8080/<route>/``) or S3/GCS/Azure endpoint. `forward`: clients use it
+    as an HTTP(S) proxy and trust its CA (``<state_dir>/mitmproxy``).
+
+    Every listener accepts TLS; reverse listeners present `tls` (else a certificate the
+    proxy's CA signs). Uploads (`store`) that arrive over plaintext HTTP are refused
+    unless `allow_plaintext` is set, which only a loopback listener may set (dev rigs,
+    or a TLS-terminating sidecar on the same host)."""
 
     mode: Literal["reverse", "forward"] = "reverse"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    tls: ListenerTls | None = None
+    allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Listener:
+        if self.allow_plaintext and self.host not in _LOOPBACK_HOSTS:
+            raise ValueError(
+                "allow_plaintext is only for loopback listeners (127.0.0.1, ::1, "
+                f"localhost), not {self.host!r}: uploads must arrive over TLS"
+            )
+        if self.tls is not None and self.mode == "forward":
+            raise ValueError(
+                "tls: forward listeners present certificates signed by the proxy's CA "
+                "(<state_dir>/mitmproxy); set tls on reverse listeners only"
+            )
+        return self
 
 
 class UpstreamAuth(_Model):
@@ -68,12 +101,21 @@ class UpstreamAuth(_Model):
     a file or an environment variable, never from the YAML itself.
     """
 
-    type: Literal["strip", "passthrough", "basic", "bearer"] = "strip"
+    type: Literal["strip", "passthrough", "basic", "bearer", "aws_sigv4", "azure_sas"] = "strip"
     username: str | None = None
     password_file: Path | None = None
     password_env: str | None = None
     token_file: Path | None = None
     token_env: str | None = None
+    # aws_sigv4: every request is signed (AWS Signature Version 4) with these credentials;
+    # the client's own signature is dropped. The secret key comes from a file or env.
+    access_key_id: str | None = None
+    secret_access_key_file: Path | None = None
+    secret_access_key_env: str | None = None
+    region: str = "us-east-1"
+    # azure_sas: this shared access signature (query string) is added to every request.
+    sas_file: Path | None = None
+    sas_env: str | None = None
 
     @model_validator(mode="after")
     def _check_secret_source(self) -> UpstreamAuth:
@@ -88,17 +130,89 @@ class UpstreamAuth(_Model):
             raise ValueError(
                 "bearer upstream auth needs exactly one of 'token_file' or 'token_env'"
             )
+        if self.type == "aws_sigv4":
+            if not self.access_key_id:
+                raise ValueError("aws_sigv4 upstream auth needs 'access_key_id'")
+            if (self.secret_access_key_file is None) == (self.secret_access_key_env is None):
+                raise ValueError(
+                    "aws_sigv4 upstream auth needs exactly one of 'secret_access_key_file' "
+                    "or 'secret_access_key_env'"
+                )
+        if self.type == "azure_sas" and (self.sas_file is None) == (self.sas_env is None):
+            raise ValueError("azure_sas upstream auth needs exactly one of 'sas_file' or 'sas_env'")
         return self
+
+
+class UpstreamTls(_Model):
+    """How the proxy checks the upstream's certificate (https upstreams; TLS 1.2 or
+    newer always). Without `ca_bundle`, the system's trusted CAs (certifi) are used."""
+
+    ca_bundle: Path | None = None  # PEM: the only CAs trusted for this destination
+    client_cert_file: Path | None = None  # mTLS: PEM certificate (chain) ...
+    client_key_file: Path | None = None  # ... and its private key
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("set both client_cert_file and client_key_file, or neither")
+        return self
+
+
+S3Sse = Literal["aws:kms", "aws:kms:dsse", "AES256"]
+
+
+class AtRest(_Model):
+    """Object stores: what an upload must carry so that the store encrypts the object at
+    rest. Checked on every request that creates object data (PutObject, CopyObject,
+    CreateMultipartUpload, UploadPart with SSE-C, browser POST; GCS uploads; Azure Put
+    Blob / Put Block / Put Block List). Satisfied by envelope encryption, by
+    `default_encryption_verified`, or by the headers below."""
+
+    required: bool = True
+    # S3 x-amz-server-side-encryption values accepted.
+    s3_sse: list[S3Sse] = ["aws:kms", "aws:kms:dsse", "AES256"]
+    # S3 SSE-KMS key ids / GCS kmsKeyName values accepted; empty: any key (for S3 also
+    # none, i.e. the account's AWS managed key).
+    kms_keys: list[str] = []
+    # Customer-provided keys: S3 SSE-C, GCS CSEK, Azure CPK headers.
+    customer_keys: bool = True
+    # Azure x-ms-encryption-scope values accepted; empty: any.
+    encryption_scopes: list[str] = []
+    # The operator has verified that the bucket encrypts by default (e.g. S3 default
+    # encryption with a bucket policy denying other writes): no headers are required.
+    default_encryption_verified: bool = False
+
+
+class Envelope(_Model):
+    """Proxy-side envelope encryption (AES-256-GCM, fresh data key per object, wrapped by
+    the keyring's primary key-encryption key). Objects are stored as ciphertext and
+    decrypted for authorized readers."""
+
+    keyring_file: Path  # see casb.encryption.keyring: {primary: ID, keys: {ID: base64}}
+    chunk_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    # Objects up to this size are decrypted whole before a byte is sent, so a tampered
+    # object yields a clean error; larger ones stream chunk by chunk (only authenticated
+    # plaintext is released; a bad chunk cuts the connection).
+    verify_whole_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class Destination(_Model):
     """A named upstream the proxy may forward to. Nothing else is reachable through it."""
 
-    kind: Literal["dicomweb"] = "dicomweb"
+    kind: Literal["dicomweb", "s3", "gcs", "azure_blob"] = "dicomweb"
     upstream: str  # base URL, e.g. https://pacs.example.org/dicom-web
     route: str | None = None  # reverse-mode path prefix on the proxy; default "/<name>"
     upstream_auth: UpstreamAuth = UpstreamAuth()
     description: str = ""
+    # S3 virtual-hosted style: requests to <bucket>.<virtual_host> (reverse mode: the
+    # Host header clients send) name the bucket in the host instead of the path.
+    virtual_host: str | None = None
+    tls: UpstreamTls = UpstreamTls()
+    # An http:// upstream refuses uploads unless this is set (loopback test rigs); every
+    # upload it lets through is audited with a warning.
+    allow_plaintext: bool = False
+    at_rest: AtRest = AtRest()
+    envelope: Envelope | None = None
 
     @field_validator("upstream")
     @classmethod
@@ -109,6 +223,30 @@ class Destination(_Model):
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("must not carry a query, fragment or credentials")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Destination:
+        store = self.kind != "dicomweb"
+        if self.envelope is not None and not store:
+            raise ValueError("envelope: only object-store destinations (s3, gcs, azure_blob)")
+        if self.virtual_host is not None and self.kind != "s3":
+            raise ValueError("virtual_host: only for s3 destinations")
+        auth = self.upstream_auth.type
+        if auth == "aws_sigv4" and self.kind != "s3":
+            raise ValueError("upstream_auth aws_sigv4: only for s3 destinations")
+        if auth == "azure_sas" and self.kind != "azure_blob":
+            raise ValueError("upstream_auth azure_sas: only for azure_blob destinations")
+        return self
+
+    @field_validator("virtual_host")
+    @classmethod
+    def _check_virtual_host(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.lower().rstrip(".")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", v) or ".." in v:
+            raise ValueError("must be a host name such as s3.eu-west-1.amazonaws.com")
+        return v
 
     @field_validator("route")
     @classmethod
@@ -263,6 +401,20 @@ class Settings(BaseSettings):
                         f"destinations.{other}.route {other_route!r}"
                     )
             routes[name] = route
+        upstream_tls: dict[tuple[str, int], tuple[str, UpstreamTls]] = {}
+        for name, dest in self.destinations.items():
+            parts = urlsplit(dest.upstream)
+            addr = (
+                (parts.hostname or "").lower(),
+                parts.port or (443 if parts.scheme == "https" else 80),
+            )
+            seen = upstream_tls.setdefault(addr, (name, dest.tls))
+            if seen[1] != dest.tls:
+                raise ValueError(
+                    f"destinations.{name}.tls differs from destinations.{seen[0]}.tls, "
+                    "but both reach the same upstream host and port: TLS settings are per "
+                    "host and port"
+                )
         ports = [(lst.host, lst.port) for lst in self.listeners if lst.port]
         if len(ports) != len(set(ports)):
             raise ValueError("listeners: two listeners share a host and port")
@@ -290,6 +442,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     fix(data.get("identity"), "jwks_file")
     fix(data.get("audit"), "path")
     fix(data.get("dlp"), "uid_key_file")
+    for lst in data.get("listeners") or []:
+        if isinstance(lst, dict):
+            for key in ("cert_file", "key_file"):
+                fix(lst.get("tls"), key)
     pol = data.get("policy")
     if isinstance(pol, dict) and isinstance(pol.get("paths"), list):
         pol["paths"] = [
@@ -298,8 +454,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         ]
     for dest in (data.get("destinations") or {}).values():
         if isinstance(dest, dict):
-            for key in ("password_file", "token_file"):
+            for key in ("password_file", "token_file", "secret_access_key_file", "sas_file"):
                 fix(dest.get("upstream_auth"), key)
+            for key in ("ca_bundle", "client_cert_file", "client_key_file"):
+                fix(dest.get("tls"), key)
+            fix(dest.get("envelope"), "keyring_file")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

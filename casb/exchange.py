@@ -8,12 +8,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from time import monotonic
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from casb.context import Action, Principal, Resource
 from casb.dlp.findings import Finding
 from casb.dlp.plan import DlpPlan
 from casb.policy.decision import Decision
+from casb.routing import AwsCredentials
+
+if TYPE_CHECKING:
+    from casb.encryption.keyring import KeyEncryptionKeys
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeSpec:
+    """A destination's envelope encryption, ready to use: its keyring and format knobs."""
+
+    keys: KeyEncryptionKeys
+    chunk_bytes: int
+    verify_whole_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +39,9 @@ class IncomingRequest:
     host: str = ""
     port: int = 0
     client_ip: str = ""
+    host_header: str = ""  # the Host the client sent (S3 virtual-hosted buckets)
+    client_tls: bool = False  # the client->proxy leg is TLS
+    plaintext_ok: bool = False  # the listener takes uploads over plaintext (loopback dev)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +55,10 @@ class Forward:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     dlp: DlpPlan | None = None  # DLP work on the body (request) or the response
+    kind: str = "dicomweb"  # the destination's kind: dicomweb | s3 | gcs | azure_blob
+    operation: str = ""  # object stores: e.g. "PutObject", "GetBlob"
+    aws: AwsCredentials | None = None  # sign the forwarded request (S3 SigV4)
+    envelope: EnvelopeSpec | None = None  # encrypt the upload / decrypt the object
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +89,11 @@ class Transaction:
     reasons: tuple[str, ...] = ()  # why a refusal happened before the policy decided
     finished: bool = False
     dlp: DlpReport | None = None  # what DLP found and did, for the audit record
+    # How refusals are written: "json" (casb's format), or what an object-store SDK
+    # surfaces: "s3" (XML), "azure" (XML), "gcs" (JSON API errors).
+    error_style: str = "json"
+    warnings: list[str] = field(default_factory=list)  # audited, e.g. plaintext_upstream
+    envelope: str | None = None  # audited: "encrypted" / "decrypted" / why it failed
 
     @property
     def allowed(self) -> bool:
@@ -86,6 +111,7 @@ class DlpReport:
     blocked: int = 0
     deidentified: int = 0
     failed: int = 0  # instances DLP could not read (refused)
+    not_dicom: int = 0  # object-store uploads that are not DICOM (forwarded unchanged)
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     recorded: bool = False  # a stream's outcome has been copied in

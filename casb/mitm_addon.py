@@ -15,14 +15,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
+from mitmproxy.addons import tlsconfig
+from mitmproxy.net import tls as net_tls
 from mitmproxy.proxy.mode_specs import ReverseMode
+from OpenSSL import SSL, crypto
 
 from casb.audit import AuditError
 from casb.config import ConfigError, load_settings
@@ -36,7 +43,26 @@ from casb.dlp.enforce import (
 )
 from casb.dlp.findings import InstanceError
 from casb.dlp.plan import DlpPlan, DlpUnavailable
+from casb.encryption.envelope import EnvelopeError
+from casb.encryption.envelope_ops import EnvelopeOp, envelope_op
+from casb.encryption.object_crypto import (
+    DownloadPlan,
+    EnvelopeRefused,
+    HeaderChanges,
+    Transform,
+    aws_chunked_decoder,
+    decoded_body_headers,
+    is_aws_chunked,
+    opener_transform,
+    plan_download,
+    plan_upload,
+    range_request,
+    whole_transform,
+)
 from casb.exchange import DlpReport, Forward, IncomingRequest, Refusal, Transaction
+from casb.objectstore.aws_chunked import AwsChunkedDecoder, AwsChunkedError
+from casb.objectstore.errors import render_error
+from casb.objectstore.sigv4 import REPLACED_HEADERS, SigningError, sign_s3
 from casb.pipeline import new_transaction
 from casb.policy import PolicyLoadError
 from casb.responses import REQUEST_ID_HEADER, error_body, error_headers
@@ -47,6 +73,16 @@ _META = "casb"
 _UPLOAD = "casb.upload"  # the MultipartDicomStream inspecting a request body
 _MASKED = "casb.masked"  # the response body is JSON to be masked in `response`
 _ERROR = "casb.error"  # error code of a refusal made after the request was forwarded
+_OBJECT_DLP = "casb.object_dlp"  # an object-store upload read whole for DLP in `request`
+_ENVELOPE_READ = "casb.envelope_read"  # (range asked, spec, head) of an envelope read
+_DECRYPT_WHOLE = "casb.decrypt_whole"  # a buffered envelope object to decrypt in `response`
+_POST_FORM = "casb.post_form"  # an S3 browser POST upload: its fields checked in `request`
+_KILLED = "casb.killed"  # (status, code) when a body transform cut the flow
+_REQUEST_TRANSFORM = "casb.request_transform"  # the _RequestTransform of an upload
+_UNSIGNED = "UNSIGNED-PAYLOAD"
+_CLIENT_PAYLOAD_HASHES = re.compile(
+    r"[0-9a-f]{64}|UNSIGNED-PAYLOAD|STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+)
 
 
 _INTERNAL = Refusal(
@@ -269,6 +305,110 @@ class _AuditedStream:
         return [out] if out else []
 
 
+class _Decrypting(_Transform):
+    """An envelope object decrypted as it streams: only authenticated plaintext goes
+    out; a chunk that does not authenticate cuts the flow."""
+
+    def __init__(self, transform: Transform, tx: Transaction) -> None:
+        self.transform, self.tx = transform, tx
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        try:
+            return self.transform(data)
+        except EnvelopeError as exc:
+            self.tx.envelope = f"integrity_error: {exc}"
+            self.failure = str(exc)
+            return []
+
+
+class _RequestTransform:
+    """A request body rewritten as it streams (envelope sealing, aws-chunked decoding).
+    If it fails, nothing more goes upstream and the flow is cut, so the store never
+    gets a complete object; the audit record says why."""
+
+    def __init__(self, flow: http.HTTPFlow, tx: Transaction, transform: Transform) -> None:
+        self.flow, self.tx, self.transform = flow, tx, transform
+        self.started = False
+        self.failed = False
+        flow.metadata[_REQUEST_TRANSFORM] = self
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        self.started = True
+        if self.failed:
+            return []
+        try:
+            return self.transform(data)
+        except (EnvelopeError, AwsChunkedError) as exc:
+            self.failed = True
+            reason = f"the upload could not be encrypted or decoded: {exc}"
+            self.tx.reasons = (*self.tx.reasons, reason)
+            self.flow.metadata[_KILLED] = (400, "bad_request")
+            self.flow.kill()
+            return []
+
+
+def _decoder_transform(decoder: AwsChunkedDecoder) -> Transform:
+    def transform(data: bytes) -> list[bytes]:
+        return decoder.feed(data) if data else decoder.finish()
+
+    return transform
+
+
+def _apply_changes(headers: http.Headers, changes: HeaderChanges) -> None:
+    for name in changes.remove:
+        headers.pop(name, None)
+    for name, value in changes.set:
+        headers[name] = value
+
+
+def _is_body_digest(name: str) -> bool:
+    lname = name.lower()
+    return lname in ("content-md5", "x-amz-sdk-checksum-algorithm") or lname.startswith(
+        "x-amz-checksum-"
+    )
+
+
+def _sign(flow: http.HTTPFlow, fwd: Forward, transformed: bool) -> None:
+    """S3: sign what goes upstream with the proxy's credentials (SigV4)."""
+    if fwd.aws is None:
+        return
+    req = flow.request
+    client_hash = req.headers.get("x-amz-content-sha256", "")
+    if transformed or not _CLIENT_PAYLOAD_HASHES.fullmatch(client_hash):
+        payload_hash = _UNSIGNED
+    else:
+        payload_hash = client_hash  # the body goes upstream as the client hashed it
+    for name in REPLACED_HEADERS:
+        req.headers.pop(name, None)
+    path, _, raw_query = req.path.partition("?")
+    try:
+        signed = sign_s3(
+            req.method,
+            req.host_header or req.host,
+            path,
+            parse_qsl(raw_query, keep_blank_values=True),
+            list(req.headers.items(multi=True)),
+            access_key_id=fwd.aws.access_key_id,
+            secret_access_key=fwd.aws.secret_access_key,
+            region=fwd.aws.region,
+            payload_hash=payload_hash,
+            now=datetime.now(UTC),
+        )
+    except SigningError as exc:
+        raise _SignRefused(str(exc)) from None
+    for name, value in signed:
+        req.headers[name] = value
+
+
+class _SignRefused(Exception):
+    """The request cannot be signed (e.g. a non-ASCII header value)."""
+
+
+def _local_port(flow: http.HTTPFlow) -> int:
+    sock = flow.client_conn.sockname
+    return int(sock[1]) if sock else 0
+
+
 class CasbAddon:
     def __init__(self, runtime: Runtime | None = None) -> None:
         self.runtime = runtime
@@ -277,6 +417,8 @@ class CasbAddon:
         # Upstream responses up to this size are buffered (and audited before any byte
         # goes out); larger or unsized ones stream through with bounded memory.
         self._buffer_limit = 1024 * 1024
+        self._certs: dict[int, tuple[Any, tuple[Any, ...], Any]] | None = None
+        self._client_pems: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
@@ -327,6 +469,133 @@ class CasbAddon:
         flow.metadata[_META] = tx
         _respond(flow, tx)
 
+    # -- TLS --------------------------------------------------------------------------
+    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        """Reverse listeners with `tls` present the operator's certificate instead of one
+        the proxy's CA made up (mitmproxy's TlsConfig has built the connection first)."""
+        # Hook order differs between `mitmdump -s` (scripts run before TlsConfig) and
+        # `casb proxy` (after it): build the connection either way; TlsConfig leaves
+        # one that is already set alone.
+        if self.runtime is None or tls_start.is_dtls:
+            return
+        sock = tls_start.context.client.sockname
+        cert = self._listener_certs().get(int(sock[1])) if sock else None
+        if cert is None:
+            return
+        leaf, chain, key = cert
+        ctx_ = net_tls.create_client_proxy_context(
+            method=net_tls.Method.TLS_SERVER_METHOD,
+            min_version=net_tls.Version[ctx.options.tls_version_client_min],
+            max_version=net_tls.Version[ctx.options.tls_version_client_max],
+            cipher_list=None,
+            ecdh_curve=None,
+            chain_file=None,
+            alpn_select_callback=tlsconfig.alpn_select_callback,
+            request_client_cert=False,
+            extra_chain_certs=chain,
+            dhparams=None,
+        )
+        conn = SSL.Connection(ctx_)
+        conn.use_certificate(leaf.to_pyopenssl())
+        conn.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        if tls_start.ssl_conn is not None:
+            conn.set_app_data(tls_start.ssl_conn.get_app_data())
+        else:
+            conn.set_app_data(
+                tlsconfig.AppData(
+                    client_alpn=tls_start.context.client.alpn,
+                    server_alpn=tls_start.context.server.alpn,
+                    http2=ctx.options.http2,
+                )
+            )
+        conn.set_accept_state()
+        tls_start.ssl_conn = conn
+
+    def _listener_certs(self) -> dict[int, tuple[Any, tuple[Any, ...], Any]]:
+        if self._certs is None:
+            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+            from mitmproxy import certs
+
+            assert self.runtime is not None
+            found: dict[int, tuple[Any, tuple[Any, ...], Any]] = {}
+            for lst in self.runtime.settings.listeners:
+                if lst.tls is None:
+                    continue
+                pems = lst.tls.cert_file.read_bytes()
+                chain = [
+                    certs.Cert.from_pem(b"-----BEGIN CERTIFICATE-----" + part)
+                    for part in pems.split(b"-----BEGIN CERTIFICATE-----")[1:]
+                ]
+                key = load_pem_private_key(lst.tls.key_file.read_bytes(), password=None)
+                found[lst.port] = (chain[0], tuple(chain[1:]), key)
+            self._certs = found
+        return self._certs
+
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        """A destination with its own CA bundle or client certificate gets a TLS context
+        of its own (TLS 1.2+, peer and host name verified), never the shared one."""
+        if self.runtime is None or tls_start.is_dtls:
+            return
+        server: Any = tls_start.conn
+        if not server.address:
+            return
+        route = self.runtime.pipeline.router.by_address(*server.address[:2])
+        if route is None:
+            return
+        tls_cfg = route.destination.tls
+        if tls_cfg.ca_bundle is None and tls_cfg.client_cert_file is None:
+            return
+        client_cert = self._client_cert_file(route.name)
+        ssl_ctx = net_tls.create_proxy_server_context(
+            method=net_tls.Method.TLS_CLIENT_METHOD,
+            min_version=net_tls.Version[ctx.options.tls_version_server_min],
+            max_version=net_tls.Version[ctx.options.tls_version_server_max],
+            cipher_list=None,
+            ecdh_curve=None,
+            verify=net_tls.Verify.VERIFY_PEER,
+            ca_path=None,
+            ca_pemfile=str(tls_cfg.ca_bundle) if tls_cfg.ca_bundle else None,
+            client_cert=client_cert,
+            legacy_server_connect=False,
+        )
+        conn = SSL.Connection(ssl_ctx)
+        sni = server.sni or server.address[0]
+        # host name verification, as mitmproxy's TlsConfig does it
+        lib: Any = getattr(SSL, "_lib")  # noqa: B009
+        param = lib.SSL_get0_param(conn._ssl)
+        lib.X509_VERIFY_PARAM_set_hostflags(param, tlsconfig.DEFAULT_HOSTFLAGS)
+        try:
+            ip = ipaddress.ip_address(sni).packed
+        except ValueError:
+            host_name = sni.encode("idna")
+            conn.set_tlsext_host_name(host_name)
+            ok = lib.X509_VERIFY_PARAM_set1_host(param, host_name, len(host_name))
+        else:
+            ok = lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
+        if ok != 1:
+            raise RuntimeError("cannot set up host name verification")
+        if server.alpn_offers:
+            conn.set_alpn_protos(list(server.alpn_offers))
+        conn.set_connect_state()
+        tls_start.ssl_conn = conn
+
+    def _client_cert_file(self, name: str) -> str | None:
+        """mitmproxy wants the client key and certificate in one PEM file: written once
+        under state_dir (0600)."""
+        assert self.runtime is not None
+        tls_cfg = self.runtime.settings.destinations[name].tls
+        if tls_cfg.client_cert_file is None or tls_cfg.client_key_file is None:
+            return None
+        path = self.runtime.settings.state_dir / "tls" / f"{name}-client.pem"
+        if name not in self._client_pems:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(tls_cfg.client_key_file.read_bytes().rstrip(b"\n") + b"\n")
+                f.write(tls_cfg.client_cert_file.read_bytes())
+            self._client_pems.add(name)
+        return str(path)
+
     @_fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         assert self.runtime is not None
@@ -340,6 +609,9 @@ class CasbAddon:
             host=req.host,
             port=req.port,
             client_ip=_client_ip(flow),
+            host_header=req.host_header or "",
+            client_tls=bool(flow.client_conn.tls_established),
+            plaintext_ok=self.runtime.pipeline.listener_plaintext_ok(_local_port(flow)),
         )
         tx = await self.runtime.pipeline.decide(incoming)
         flow.metadata[_META] = tx
@@ -347,6 +619,9 @@ class CasbAddon:
             _respond(flow, tx)
             return
         _rewrite(req, tx.outcome)
+        if tx.outcome.kind != "dicomweb":
+            self._object_request(flow, tx, tx.outcome)
+            return
         plan = tx.outcome.dlp
         if plan is not None:
             # DLP reads whole bodies as sent: ask the upstream for uncompressed, complete
@@ -383,9 +658,230 @@ class CasbAddon:
         req.headers["transfer-encoding"] = "chunked"
         req.stream = stream
 
+    # -- object stores ------------------------------------------------------------------
+    def _object_request(self, flow: http.HTTPFlow, tx: Transaction, fwd: Forward) -> None:
+        """S3 / GCS / Azure: DLP on whole-object uploads, envelope encryption, and the
+        proxy's own signature. Refusals here happen before a byte goes upstream."""
+        req = flow.request
+        headers = list(req.headers.items(multi=True))
+        for name in ("accept-encoding",):  # the stored bytes, as stored
+            req.headers.pop(name, None)
+        try:
+            op = (
+                None
+                if fwd.envelope is None
+                else envelope_op(
+                    fwd.kind,
+                    fwd.operation,
+                    method=req.method.upper(),
+                    headers=headers,
+                    copy_in_destination=True,  # the pipeline checked the copy source
+                )
+            )
+            if isinstance(op, str):  # the pipeline refuses these; never forward them
+                raise EnvelopeRefused(501, "envelope_unsupported", op)
+            if fwd.operation == "PostObject":
+                if fwd.aws is not None:
+                    raise EnvelopeRefused(
+                        501,
+                        "unsupported_upload",
+                        "browser POST uploads carry a policy signed with the client's "
+                        "credentials, and this destination signs with the proxy's: use "
+                        "PutObject",
+                    )
+                flow.metadata[_POST_FORM] = True
+                return  # read whole; the form's fields are checked in `request`
+            if fwd.dlp is not None and fwd.dlp.direction == "request":
+                tx.dlp = DlpReport(profile=fwd.dlp.profile, direction="request")
+                flow.metadata[_OBJECT_DLP] = op
+                return  # read whole; inspected, encrypted and signed in `request`
+            transformed = False
+            if op is EnvelopeOp.ENCRYPT:
+                assert fwd.envelope is not None
+                upload = plan_upload(fwd.kind, headers, fwd.envelope)
+                _apply_changes(req.headers, upload.changes)
+                req.stream = _RequestTransform(flow, tx, upload.transform)
+                tx.envelope = "encrypted"
+                transformed = True
+            elif op in (EnvelopeOp.DECRYPT, EnvelopeOp.METADATA):
+                assert fwd.envelope is not None
+                asked, changes = range_request(fwd.kind, headers, fwd.envelope)
+                _apply_changes(req.headers, changes)
+                flow.metadata[_ENVELOPE_READ] = (asked, fwd.envelope, op is EnvelopeOp.METADATA)
+            elif is_aws_chunked(headers) and (
+                req.headers.get("x-amz-content-sha256", "") != "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+            ):
+                # chunk signatures chain from the client's key: only a decoded body can be
+                # signed again
+                decoder = aws_chunked_decoder(headers)
+                _apply_changes(req.headers, decoded_body_headers(headers))
+                req.headers["content-length"] = str(decoder.declared_length)
+                req.headers.pop("transfer-encoding", None)
+                req.stream = _RequestTransform(flow, tx, _decoder_transform(decoder))
+                transformed = True
+        except EnvelopeRefused as exc:
+            _refuse(flow, tx, Refusal(exc.status, exc.code, exc.reason))
+            return
+        except EnvelopeError as exc:
+            _refuse(flow, tx, Refusal(500, "envelope_unavailable", str(exc)))
+            return
+        try:
+            _sign(flow, fwd, transformed)
+        except _SignRefused as exc:
+            _refuse(flow, tx, Refusal(400, "bad_request", str(exc)))
+
+    def _object_upload_whole(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """An object upload under DLP, read whole: decode, inspect, encrypt, sign."""
+        from casb.dlp.object_upload import inspect_object
+
+        req = flow.request
+        fwd = tx.outcome
+        assert isinstance(fwd, Forward) and fwd.dlp is not None and tx.dlp is not None
+        headers = list(req.headers.items(multi=True))
+        body = req.raw_content or b""
+        try:
+            if is_aws_chunked(headers):
+                body = whole_transform(_decoder_transform(aws_chunked_decoder(headers)), body)
+                _apply_changes(req.headers, decoded_body_headers(headers))
+            key = tx.resource.key if tx.resource is not None else None
+            result = inspect_object(fwd.dlp, body, req.headers.get("content-type", ""), key, tx.dlp)
+            if isinstance(result, str):
+                _refuse(flow, tx, Refusal(403, "dlp_blocked", result))
+                return
+            if result != body:  # de-identified (or trailing data cut): new digests
+                for name in [n for n in req.headers if _is_body_digest(n)]:
+                    del req.headers[name]
+            body = result
+            if flow.metadata.get(_OBJECT_DLP) is EnvelopeOp.ENCRYPT:
+                assert fwd.envelope is not None
+                plain = [
+                    (n, v)
+                    for n, v in req.headers.items(multi=True)
+                    if n.lower() != "content-length"
+                ]
+                upload = plan_upload(
+                    fwd.kind, [*plain, ("Content-Length", str(len(body)))], fwd.envelope
+                )
+                _apply_changes(req.headers, upload.changes)
+                body = whole_transform(upload.transform, body)
+                tx.envelope = "encrypted"
+        except EnvelopeRefused as exc:
+            _refuse(flow, tx, Refusal(exc.status, exc.code, exc.reason))
+            return
+        except (EnvelopeError, AwsChunkedError) as exc:
+            _refuse(flow, tx, Refusal(400, "bad_request", str(exc)))
+            return
+        req.headers.pop("transfer-encoding", None)
+        req.raw_content = body
+        req.headers["content-length"] = str(len(body))
+        try:
+            _sign(flow, fwd, transformed=True)
+        except _SignRefused as exc:
+            _refuse(flow, tx, Refusal(400, "bad_request", str(exc)))
+
+    def _envelope_response(self, flow: http.HTTPFlow, tx: Transaction) -> bool:
+        """An envelope read: decrypt what the store returns. True when handled."""
+        read = flow.metadata.get(_ENVELOPE_READ)
+        resp = flow.response
+        if read is None or resp is None or not 200 <= resp.status_code < 300:
+            return False
+        asked, spec, head = read
+        fwd = tx.outcome
+        assert isinstance(fwd, Forward)
+        try:
+            plan = plan_download(
+                fwd.kind,
+                resp.status_code,
+                list(resp.headers.items(multi=True)),
+                spec,
+                asked,
+                head=head or flow.request.method == "HEAD",
+            )
+        except EnvelopeRefused as exc:
+            self._replace_streamed(flow, tx, exc.reason, status=exc.status, code=exc.code)
+            return True
+        except EnvelopeError as exc:  # IntegrityError included
+            tx.envelope = f"integrity_error: {exc}"
+            self._replace_streamed(flow, tx, str(exc), status=502, code="integrity_error")
+            return True
+        _apply_changes(resp.headers, plan.changes)
+        if plan.changes.status is not None:
+            resp.status_code = plan.changes.status
+        tx.envelope = "decrypted"
+        if plan.opener is None:
+            return False  # HEAD: no body; audited like any small response
+        if plan.length <= spec.verify_whole_bytes:
+            flow.metadata[_DECRYPT_WHOLE] = plan
+            return True  # buffered: decrypted in `response`, nothing sent before that
+        resp.headers.pop("content-length", None)
+        resp.headers["content-length"] = str(plan.length)
+        resp.stream = _AuditedStream(self, flow, tx, _Decrypting(opener_transform(plan.opener), tx))
+        return True
+
+    def _decrypt_whole(self, flow: http.HTTPFlow, tx: Transaction, plan: DownloadPlan) -> None:
+        resp = flow.response
+        assert resp is not None and plan.opener is not None
+        try:
+            body = whole_transform(opener_transform(plan.opener), resp.raw_content or b"")
+        except EnvelopeError as exc:
+            tx.envelope = f"integrity_error: {exc}"
+            _refuse(flow, tx, Refusal(502, "integrity_error", str(exc)), forwarded=True)
+            return
+        resp.raw_content = body
+        resp.headers["content-length"] = str(len(body))
+
+    def _check_post_form(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """S3 browser POST: the at-rest rule applies to the form's fields (S3 reads
+        x-amz-server-side-encryption from the form, not from a header)."""
+        from casb.encryption.at_rest import check_at_rest
+        from casb.objectstore.acl import public_access_refusal
+        from casb.objectstore.form_upload import FormUploadError, PostObjectFields
+
+        assert self.runtime is not None and tx.resource is not None
+        rule = self.runtime.settings.destinations[tx.resource.destination].at_rest
+
+        def check(fields: dict[str, str]) -> None:
+            acl = [("x-amz-acl", v) for k, v in fields.items() if k == "acl"]
+            grants = [(k, v) for k, v in fields.items() if k.startswith("x-amz-grant-")]
+            exposed = public_access_refusal("s3", [*acl, *grants])
+            if exposed is not None:
+                raise FormUploadError(exposed)
+            problem = check_at_rest("s3", "PutObject", list(fields.items()), (), rule)
+            if problem is not None:
+                raise FormUploadError(problem.replace("header", "form field"))
+
+        try:
+            form = PostObjectFields(flow.request.headers.get("content-type", ""), check)
+            form.feed(flow.request.raw_content or b"")
+            form.feed(b"")
+        except FormUploadError as exc:
+            status, code = (
+                (403, "encryption_required")
+                if "encrypt" in exc.reason
+                else (403, "forbidden")
+                if "may not" in exc.reason
+                else (400, "bad_request")
+            )
+            _refuse(flow, tx, Refusal(status, code, exc.reason))
+
     @_fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         """The whole request body has been received (and, for uploads, streamed)."""
+        tx = flow.metadata.get(_META)
+        if _POST_FORM in flow.metadata and isinstance(tx, Transaction) and flow.response is None:
+            self._check_post_form(flow, tx)
+            return
+        if _OBJECT_DLP in flow.metadata and isinstance(tx, Transaction) and flow.response is None:
+            self._object_upload_whole(flow, tx)
+            return
+        transform = flow.metadata.get(_REQUEST_TRANSFORM)
+        if transform is not None and flow.response is None and not transform.started:
+            # an empty or already-buffered body: mitmproxy did not stream it
+            body = whole_transform(transform, flow.request.raw_content or b"")
+            flow.request.raw_content = body
+            flow.request.headers.pop("transfer-encoding", None)
+            flow.request.headers["content-length"] = str(len(body))
+            return
         stream = flow.metadata.get(_UPLOAD)
         if stream is None or flow.response is not None:
             return
@@ -409,6 +905,8 @@ class CasbAddon:
         if not tx.allowed:
             return
         assert isinstance(tx.outcome, Forward)
+        if self._envelope_response(flow, tx):
+            return
         plan = tx.outcome.dlp
         length = flow.response.headers.get("content-length", "")
         if plan is not None and plan.direction == "request":
@@ -470,11 +968,20 @@ class CasbAddon:
         resp.headers["transfer-encoding"] = "chunked"
         resp.stream = _AuditedStream(self, flow, tx, inner)
 
-    def _replace_streamed(self, flow: http.HTTPFlow, tx: Transaction, reason: str) -> None:
+    def _replace_streamed(
+        self,
+        flow: http.HTTPFlow,
+        tx: Transaction,
+        reason: str,
+        *,
+        status: int = 502,
+        code: str = "response_blocked",
+    ) -> None:
         """Answer 502 instead of an upstream response whose body is still to come."""
         tx.reasons = (*tx.reasons, reason)
-        refusal = Refusal(502, "response_blocked", reason)
-        flow.response = _make_response(refusal, tx.request_id)
+        refusal = Refusal(status, code, reason)
+        flow.metadata[_ERROR] = code
+        flow.response = _make_response(refusal, tx.request_id, tx.error_style)
         body = flow.response.content or b""
         flow.response.stream = _AuditedStream(self, flow, tx, _Swallow(body))
 
@@ -483,7 +990,10 @@ class CasbAddon:
         tx = flow.metadata.get(_META)
         if not isinstance(tx, Transaction) or flow.response is None or tx.finished:
             return
-        if tx.allowed and tx.dlp is not None:
+        whole = flow.metadata.pop(_DECRYPT_WHOLE, None)
+        if whole is not None and tx.allowed:
+            self._decrypt_whole(flow, tx, whole)
+        if tx.allowed and tx.dlp is not None and _OBJECT_DLP not in flow.metadata:
             self._apply_dlp(flow, tx)
         # Refusals we made, and small buffered upstream responses (streamed ones are
         # audited by their stream).
@@ -502,7 +1012,10 @@ class CasbAddon:
         if not isinstance(tx, Transaction) or tx.finished:
             return
         msg = flow.error.msg if flow.error else ""
-        if "body_size_limit" in msg:
+        killed = flow.metadata.get(_KILLED)
+        if killed is not None:
+            status, code = killed
+        elif "body_size_limit" in msg:
             status, code = (
                 (413, "body_too_large")
                 if msg.startswith("Request")
@@ -604,7 +1117,7 @@ class CasbAddon:
                 refusal = Refusal(
                     503, "audit_unavailable", "the audit log cannot be written; request refused"
                 )
-                flow.response = _make_response(refusal, tx.request_id)
+                flow.response = _make_response(refusal, tx.request_id, tx.error_style)
             return False
 
 
@@ -629,16 +1142,19 @@ def _rewrite(req: http.Request, fwd: Forward) -> None:
             headers[name] = value
 
 
-def _make_response(refusal: Refusal, request_id: str) -> http.Response:
-    headers = http.Headers(
-        [(k.encode(), v.encode()) for k, v in error_headers(refusal, request_id)]
-    )
-    return http.Response.make(refusal.status, error_body(refusal, request_id), headers)
+def _make_response(refusal: Refusal, request_id: str, style: str = "json") -> http.Response:
+    if style == "json":
+        body, pairs = error_body(refusal, request_id), error_headers(refusal, request_id)
+    else:
+        body, pairs = render_error(style, refusal.status, refusal.code, refusal.message, request_id)  # type: ignore[arg-type]
+        pairs = [*pairs, (REQUEST_ID_HEADER, request_id), *refusal.headers]
+    headers = http.Headers([(k.encode(), v.encode()) for k, v in pairs])
+    return http.Response.make(refusal.status, body, headers)
 
 
 def _respond(flow: http.HTTPFlow, tx: Transaction) -> None:
     assert isinstance(tx.outcome, Refusal)
-    flow.response = _make_response(tx.outcome, tx.request_id)
+    flow.response = _make_response(tx.outcome, tx.request_id, tx.error_style)
 
 
 def _refuse(
@@ -652,7 +1168,7 @@ def _refuse(
         flow.metadata[_ERROR] = refusal.code
     else:
         tx.outcome = refusal
-    flow.response = _make_response(refusal, tx.request_id)
+    flow.response = _make_response(refusal, tx.request_id, tx.error_style)
 
 
 __all__ = ["CasbAddon"]

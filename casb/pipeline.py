@@ -26,10 +26,15 @@ from casb.classify import (
     encode_target,
     normalize_target,
 )
+from casb.classify.objectstore import classify_azure, classify_gcs, classify_s3
 from casb.config import Settings
-from casb.context import Action, Principal, RequestFacts
+from casb.context import Action, Principal, RequestFacts, Resource
+from casb.dlp.object_upload import object_upload_refusal
 from casb.dlp.plan import DlpInspectors, DlpPlan
-from casb.exchange import Forward, IncomingRequest, Refusal, Transaction
+from casb.encryption.at_rest import check_at_rest
+from casb.encryption.envelope_ops import envelope_op
+from casb.encryption.transport import check_transport
+from casb.exchange import EnvelopeSpec, Forward, IncomingRequest, Refusal, Transaction
 from casb.identity import (
     AuthenticationError,
     IdentityUnavailable,
@@ -37,6 +42,8 @@ from casb.identity import (
     extract_token,
     strip_query_token,
 )
+from casb.objectstore.acl import public_access_refusal
+from casb.objectstore.sigv4 import canonical_query, uri_encode
 from casb.policy import CompiledPolicy
 from casb.policy.decision import Decision
 from casb.policy.loader import DLP_OBLIGATIONS
@@ -53,6 +60,50 @@ _MASKED_ACTIONS = frozenset(
     {Action.SEARCH, Action.RETRIEVE, Action.RETRIEVE_METADATA, Action.WORKLIST}
 )
 _STOW_TYPES = ("multipart/related",)
+_ERROR_STYLES = {"s3": "s3", "azure_blob": "azure", "gcs": "gcs"}
+# Azure SAS query keys: a client's own SAS never reaches the upstream.
+_SAS_KEYS = frozenset(
+    {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sip", "ses", "sdd"}
+    | {"skoid", "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid"}
+    | {"rscc", "rscd", "rsce", "rscl", "rsct"}
+)
+
+
+_URL_CREDENTIALS = frozenset({"awsaccesskeyid", "signature", "expires", "googleaccessid"})
+
+
+def _is_url_credential(name: str) -> bool:
+    lname = name.lower()
+    return lname.startswith(("x-amz-", "x-goog-")) or lname in _URL_CREDENTIALS
+
+
+def _s3_token_headers(headers: Sequence[tuple[str, str]]) -> Sequence[tuple[str, str]]:
+    """S3 SDKs sign with AWS SigV4 in Authorization; casb's token rides in the session
+    token (X-Amz-Security-Token), which every SDK sets from its credentials without code.
+    Read it as the bearer token then. The SigV4 signature is not a casb credential and
+    is never forwarded (the proxy signs with its own key)."""
+    auth = [v for n, v in headers if n.lower() == "authorization"]
+    if not (len(auth) == 1 and auth[0].startswith("AWS4-HMAC-SHA256 ")):
+        return headers
+    tokens = [v for n, v in headers if n.lower() == "x-amz-security-token"]
+    rest = [
+        (n, v) for n, v in headers if n.lower() not in ("authorization", "x-amz-security-token")
+    ]
+    return [*rest, *(("Authorization", f"Bearer {t}") for t in tokens)]
+
+
+def _object_target(segments: Sequence[str], query: Sequence[tuple[str, str]]) -> str:
+    """Object stores: every byte but the unreserved ones percent-encoded (the form S3
+    signs; a "/" inside one segment, a GCS JSON object name, becomes %2F)."""
+    path = "/" + "/".join(uri_encode(seg) for seg in segments)
+    return f"{path}?{canonical_query(query)}" if query else path
+
+
+def _query_of(raw_target: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return normalize_target(raw_target).query
+    except MalformedTarget:
+        return ()
 
 
 class _Refused(Exception):
@@ -72,6 +123,7 @@ class Pipeline:
         router: Router,
         audit: AuditLog | None,
         uid_key: bytes | None = None,
+        envelopes: dict[str, EnvelopeSpec] | None = None,
     ) -> None:
         self.verifier = verifier
         self.policy = policy  # replaced atomically on reload
@@ -84,6 +136,14 @@ class Pipeline:
         self._dlp_config = settings.dlp
         self._uid_key = uid_key
         self._dlp: tuple[CompiledPolicy, DlpInspectors] | None = None
+        self._envelopes = envelopes or {}  # destination name -> its keyring and format
+        self._plaintext_ports = frozenset(
+            lst.port for lst in settings.listeners if lst.allow_plaintext
+        )
+
+    def listener_plaintext_ok(self, port: int) -> bool:
+        """Does the listener on this local port take uploads over plaintext?"""
+        return port in self._plaintext_ports
 
     def inspectors(self) -> DlpInspectors:
         """The DLP inspectors of the current policy (rebuilt when the policy changes)."""
@@ -106,14 +166,87 @@ class Pipeline:
             # The last record could not be written: forward nothing until one can be.
             reason = "the audit log cannot be written; request refused"
             raise _Refused(Refusal(503, "audit_unavailable", reason), reason)
+        tx.error_style = self._error_style(req)
         target, tx.method = self.parse(req.method, req.target, req.headers)
         tx.principal = await self._authenticate(req, target.query)
         outcome = self.authorize(
-            tx, target, mode=req.mode, scheme=req.scheme, host=req.host, port=req.port
+            tx,
+            target,
+            mode=req.mode,
+            scheme=req.scheme,
+            host=req.host,
+            port=req.port,
+            headers=req.headers,
+            host_header=req.host_header,
         )
-        if isinstance(outcome, Forward) and outcome.dlp is not None:
+        if not isinstance(outcome, Forward):
+            return outcome
+        self._check_encryption(tx, outcome, req)
+        if outcome.dlp is not None and outcome.kind == "dicomweb":
             _check_inspectable(outcome.dlp, req.headers)
         return outcome
+
+    def _error_style(self, req: IncomingRequest) -> str:
+        """Object-store SDKs surface errors only in their own format: find the
+        destination (without deciding anything) to answer in it."""
+        try:
+            segments = normalize_target(req.target, max_bytes=self._max_url).segments
+        except MalformedTarget:
+            segments = ()
+        found = (
+            self.router.reverse(segments)
+            if req.mode == "reverse"
+            else self.router.forward(req.scheme, req.host, req.port, segments)
+        )
+        if found is None:
+            return "json"
+        route, rest = found
+        if route.kind == "gcs" and rest[:1] not in (("storage",), ("upload",)):
+            return "s3"  # the GCS XML API answers errors as S3 does
+        return _ERROR_STYLES.get(route.kind, "json")
+
+    def _check_encryption(self, tx: Transaction, fwd: Forward, req: IncomingRequest) -> None:
+        """Encryption in transit (every kind) and at rest (object stores)."""
+        assert tx.resource is not None and tx.action is not None
+        found = self.router.by_name(tx.resource.destination)
+        dest = found.destination
+        verdict = check_transport(
+            store=tx.action == Action.STORE,
+            client_tls=req.client_tls,
+            listener_plaintext_ok=req.plaintext_ok,
+            upstream_scheme=fwd.scheme,
+            destination=tx.resource.destination,
+            destination_plaintext_ok=dest.allow_plaintext,
+        )
+        if verdict.refusal is not None:
+            raise _Refused(Refusal(403, "insecure_transport", verdict.refusal), verdict.refusal)
+        if verdict.warning is not None:
+            tx.warnings.append(verdict.warning)
+        if fwd.kind == "dicomweb":
+            return
+        if tx.action == Action.STORE:
+            exposed = public_access_refusal(fwd.kind, req.headers)
+            if exposed is not None:
+                raise _Refused(Refusal(403, "forbidden", exposed), exposed)
+        if fwd.envelope is not None:
+            resource = tx.resource
+            op = envelope_op(
+                fwd.kind,
+                fwd.operation,
+                method=req.method.upper(),
+                headers=req.headers,
+                copy_in_destination=resource.copy_source is not None
+                and (resource.copy_source[0] == resource.bucket),
+            )
+            if isinstance(op, str):
+                raise _Refused(Refusal(501, "envelope_unsupported", op), op)
+            return  # the proxy encrypts: the store holds only ciphertext
+        if tx.action == Action.STORE:
+            problem = check_at_rest(
+                fwd.kind, fwd.operation, req.headers, _query_of(req.target), dest.at_rest
+            )
+            if problem is not None:
+                raise _Refused(Refusal(403, "encryption_required", problem), problem)
 
     def parse(
         self, method: str, raw_target: str, headers: Sequence[tuple[str, str]]
@@ -134,6 +267,8 @@ class Pipeline:
         scheme: str = "",
         host: str = "",
         port: int = 0,
+        headers: Sequence[tuple[str, str]] = (),
+        host_header: str = "",
     ) -> Forward | Refusal:
         """Route, classify and decide for tx.principal. Pure apart from reading config."""
         assert tx.principal is not None
@@ -147,7 +282,8 @@ class Pipeline:
             raise _Refused(Refusal(403, "unknown_destination", reason), reason)
         route, rest = found
 
-        classification = self._classify(route, tx.method, rest, target.query)
+        host_bucket = route.host_bucket(host_header if mode == "reverse" else host)
+        classification = self._classify(route, tx.method, rest, target.query, headers, host_bucket)
         tx.action, tx.resource = classification.action, classification.resource
         facts = RequestFacts(time=tx.time, method=tx.method, client_ip=tx.client_ip)
         decision = self.policy.decide(
@@ -156,6 +292,21 @@ class Pipeline:
         tx.decision = decision
         if not decision.allow:
             return _denial(decision.step_up, decision.reasons)
+        source = classification.resource.copy_source
+        if source is not None:
+            # A copy reads its source with the proxy's credentials: the caller must be
+            # allowed to retrieve it, or a copy would launder a read.
+            src = Resource(
+                destination=route.name,
+                route="/{bucket}/{key}",
+                bucket=source[0],
+                key=source[1],
+                operation="CopySource",
+            )
+            src_decision = self.policy.decide(tx.principal, Action.RETRIEVE, src, facts)
+            if not src_decision.allow:
+                reasons = [f"copy source: {r}" for r in src_decision.reasons]
+                return _denial(src_decision.step_up, reasons or ["copy source: denied"])
         missing = sorted(set(decision.obligations) - ENFORCEABLE_OBLIGATIONS)
         if missing:
             # The policy allows only on a condition this proxy cannot meet: refuse rather
@@ -165,17 +316,35 @@ class Pipeline:
                 "proxy cannot enforce; refused rather than forwarded unprotected"
             )
             raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
-        return self._forward(route, rest, target.query, self._dlp_plan(classification, decision))
+        return self._forward(
+            route,
+            classification.forward_path or rest,
+            target.query,
+            self._dlp_plan(route.kind, classification, decision),
+            classification,
+        )
 
-    def _dlp_plan(self, classification: Classification, decision: Decision) -> DlpPlan | None:
+    def _dlp_plan(
+        self, kind: str, classification: Classification, decision: Decision
+    ) -> DlpPlan | None:
         """`dlp` inspects uploads; `mask` de-identifies what reads return."""
         action = classification.action
         upload = decision.obligations.get("dlp")
         if upload is not None and action == Action.STORE:
+            if kind != "dicomweb":
+                refusal = object_upload_refusal(kind, classification.resource.operation)
+                if refusal is not None:
+                    raise _Refused(Refusal(415, "unsupported_media_type", refusal), refusal)
             return DlpPlan("request", str(upload), self.inspectors())
         mask = decision.obligations.get("mask")
         if mask is None or action not in _MASKED_ACTIONS:
             return None
+        if kind != "dicomweb":
+            reason = (
+                f"the policy requires masking (profile '{mask}'), which applies to DICOMweb "
+                "responses; object-store reads cannot be de-identified: refused"
+            )
+            raise _Refused(Refusal(403, "unenforceable_obligation", reason), reason)
         route = classification.resource.route
         if any(part in route for part in _UNMASKABLE_ROUTE_PARTS):
             reason = (
@@ -194,7 +363,10 @@ class Pipeline:
     ) -> Principal:
         try:
             token, _source = extract_token(
-                req.headers, query, allow_query=self._allow_query_token, max_bytes=self._max_token
+                _s3_token_headers(req.headers),
+                query,
+                allow_query=self._allow_query_token,
+                max_bytes=self._max_token,
             )
             return await self.verifier.verify(token)
         except AuthenticationError as exc:
@@ -211,9 +383,23 @@ class Pipeline:
 
     @staticmethod
     def _classify(
-        route: Route, method: str, rest: tuple[str, ...], query: tuple[tuple[str, str], ...]
+        route: Route,
+        method: str,
+        rest: tuple[str, ...],
+        query: tuple[tuple[str, str], ...],
+        headers: Sequence[tuple[str, str]] = (),
+        host_bucket: str | None = None,
     ) -> Classification:
-        # Only DICOMweb destinations exist so far; object stores add their classifier here.
+        kind = route.kind
+        if kind == "s3":
+            return classify_s3(method, rest, query, headers, route.name, host_bucket)
+        if kind == "gcs":
+            return classify_gcs(method, rest, query, headers, route.name)
+        if kind == "azure_blob":
+            # a Copy Blob source must lie under the same storage account
+            return classify_azure(
+                method, rest, query, headers, route.name, account_urls=(route.destination.upstream,)
+            )
         return classify_dicomweb(method, rest, query, route.name)
 
     def _forward(
@@ -222,15 +408,34 @@ class Pipeline:
         rest: tuple[str, ...],
         query: tuple[tuple[str, str], ...],
         dlp: DlpPlan | None = None,
+        classification: Classification | None = None,
     ) -> Forward:
+        query = strip_query_token(query)
+        if route.kind in ("s3", "gcs"):
+            # a client's presigned / signed-URL credentials never reach the store: the
+            # proxy authenticates with its own
+            query = tuple((n, v) for n, v in query if not _is_url_credential(n))
+        elif route.kind == "azure_blob":
+            # the client's SAS, if any, is replaced by the proxy's
+            query = (*((n, v) for n, v in query if n.lower() not in _SAS_KEYS), *route.sas)
+        segments = (*route.base, *rest)
+        target = (
+            encode_target(segments, query)
+            if route.kind == "dicomweb"
+            else _object_target(segments, query)
+        )
         return Forward(
             scheme=route.scheme,
             host=route.host,
             port=route.port,
-            target=encode_target((*route.base, *rest), strip_query_token(query)),
+            target=target,
             set_headers=route.set_headers,
             remove_headers=route.remove_headers,
             dlp=dlp,
+            kind=route.kind,
+            operation=classification.resource.operation if classification else "",
+            aws=route.aws,
+            envelope=self._envelopes.get(route.name),
         )
 
     def refuse_connect(self, method: str, client_ip: str) -> Transaction:

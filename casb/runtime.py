@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from casb.audit import AuditLog
 from casb.config import ConfigError, IdentitySettings, Settings
 from casb.dlp.uid_key import load_uid_key
+from casb.encryption.keyring import KeyringError, WatchedKeyring
+from casb.exchange import EnvelopeSpec
 from casb.identity import TokenVerifier, build_verifier
 from casb.identity.devkeys import dev_identity_settings, ensure_dev_keys
 from casb.pipeline import Pipeline
@@ -32,6 +34,21 @@ def load_policy_for(settings: Settings) -> CompiledPolicy:
     return load_policy(settings.policy.paths, known_destinations=set(settings.destinations))
 
 
+def load_envelopes(settings: Settings) -> dict[str, EnvelopeSpec]:
+    """Each envelope-encrypting destination's keyring, loaded (and checked) at start."""
+    found: dict[str, EnvelopeSpec] = {}
+    for name, dest in settings.destinations.items():
+        env = dest.envelope
+        if env is None:
+            continue
+        try:
+            keys = WatchedKeyring(env.keyring_file)
+        except KeyringError as exc:
+            raise ConfigError(f"destinations.{name}.envelope.keyring_file: {exc}") from exc
+        found[name] = EnvelopeSpec(keys, env.chunk_bytes, env.verify_whole_bytes)
+    return found
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -48,7 +65,13 @@ class Runtime:
         verifier: TokenVerifier = build_verifier(settings.identity)
         uid_key = load_uid_key(settings)
         pipeline = Pipeline(
-            settings, verifier=verifier, policy=policy, router=router, audit=None, uid_key=uid_key
+            settings,
+            verifier=verifier,
+            policy=policy,
+            router=router,
+            audit=None,
+            uid_key=uid_key,
+            envelopes=load_envelopes(settings),
         )
         if audit:  # the proxy: refuse to start with DLP profiles it could not run
             missing = pipeline.inspectors().missing_key_profiles()

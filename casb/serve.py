@@ -48,6 +48,10 @@ def mitmproxy_options(settings: Settings) -> dict[str, object]:
         "connection_strategy": "lazy",  # connect upstream only for requests we allow
         "body_size_limit": str(settings.limits.max_body_bytes),
         "keep_host_header": False,  # the addon sets Host for the destination
+        # TLS 1.2 or newer on both legs; upstream certificates are always verified.
+        "tls_version_client_min": "TLS1_2",
+        "tls_version_server_min": "TLS1_2",
+        "ssl_insecure": False,
     }
 
 
@@ -61,7 +65,9 @@ def banner(settings: Settings, admin: bool) -> str:
         )
     ]
     for lst in settings.listeners:
-        lines.append(f"  proxy ({lst.mode}): http://{lst.host}:{lst.port}")
+        tls = "https" if lst.tls is not None or lst.mode == "forward" else "http(s)"
+        plain = ", uploads over plaintext allowed" if lst.allow_plaintext else ""
+        lines.append(f"  proxy ({lst.mode}): {tls}://{lst.host}:{lst.port}{plain}")
     for name, dest in settings.destinations.items():
         lines.append(f"  destination {name}: {settings.route_of(name)}/ -> {dest.upstream}")
     if admin and settings.admin.enabled:

@@ -7,9 +7,11 @@ so a reviewer sees what was searched by, not for what.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
+from casb.context import Resource
 from casb.exchange import DlpReport, Refusal, Transaction
 
 # At most this many distinct findings per record (an upload of 2,000 instances with
@@ -57,12 +59,25 @@ def build_record(
         "reasons": reasons,
         "obligations": obligations,
         "error": refusal.code if refusal is not None else error,
+        "object": None if r is None or r.bucket is None else object_summary(r),
         "dlp": None if tx.dlp is None else dlp_summary(tx.dlp),
+        "envelope": tx.envelope,
+        "warnings": list(tx.warnings),
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "status": status,
         "duration_ms": round((time.monotonic() - tx.started) * 1000, 3),
         "policy_version": policy_version,
+    }
+
+
+def object_summary(r: Resource) -> dict[str, Any]:
+    """Object stores: bucket, operation and the key's SHA-256 (keys are file names, which
+    can name patients: the key itself is never recorded; hash a known key to find it)."""
+    return {
+        "bucket": r.bucket,
+        "operation": r.operation,
+        "key_sha256": None if r.key is None else hashlib.sha256(r.key.encode()).hexdigest(),
     }
 
 
@@ -85,6 +100,7 @@ def dlp_summary(report: DlpReport) -> dict[str, Any]:
         "blocked": report.blocked,
         "deidentified": report.deidentified,
         "failed": report.failed,
+        "not_dicom": report.not_dicom,
         "rules": sorted({f.rule for f in report.findings}),
         "findings": findings,
         "findings_truncated": len(counted) > MAX_AUDITED_FINDINGS,

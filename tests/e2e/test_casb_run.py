@@ -4,6 +4,7 @@ in front of a real Orthanc, and the admin API on the same process."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from tests.support.orthanc import Orthanc
+from tests.support.pki import tls_files
 from tests.support.processes import Process, free_port, port_open
 from tests.support.proxy import REPO
 
@@ -26,15 +28,31 @@ DICOMWEB_CLIENT = Path(sys.executable).with_name("dicomweb_client")
 def casb_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int, int]]:
     work = tmp_path_factory.mktemp("casb-run")
     with Orthanc(work / "orthanc") as orthanc:
-        proxy_port, admin_port = free_port(), free_port()
+        proxy_port, admin_port, tls_port = free_port(), free_port(), free_port()
+        pki = tls_files(work / "pki")
         config = {
             "environment": "dev",
             "state_dir": str(work / "state"),
-            "listeners": [{"mode": "reverse", "host": "127.0.0.1", "port": proxy_port}],
+            "listeners": [
+                # as `make run`: loopback, uploads over plaintext allowed
+                {
+                    "mode": "reverse",
+                    "host": "127.0.0.1",
+                    "port": proxy_port,
+                    "allow_plaintext": True,
+                },
+                # as production: TLS with the operator's certificate
+                {
+                    "mode": "reverse",
+                    "host": "127.0.0.1",
+                    "port": tls_port,
+                    "tls": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+                },
+            ],
             "admin": {"host": "127.0.0.1", "port": admin_port},
             "destinations": {
-                "pacs": {"upstream": orthanc.dicomweb_url},
-                "research": {"upstream": orthanc.dicomweb_url},
+                "pacs": {"upstream": orthanc.dicomweb_url, "allow_plaintext": True},
+                "research": {"upstream": orthanc.dicomweb_url, "allow_plaintext": True},
             },
             "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
             "audit": {"path": str(work / "audit.jsonl")},
@@ -44,12 +62,18 @@ def casb_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, i
         proc = Process([str(CASB), "run", "--config", str(cfg)], log_path=work / "run.log")
         try:
             proc.wait_until(
-                lambda: port_open(proxy_port) and port_open(admin_port), timeout=30, what="casb run"
+                lambda: port_open(proxy_port) and port_open(admin_port) and port_open(tls_port),
+                timeout=30,
+                what="casb run",
             )
+            TLS[cfg] = (tls_port, pki.ca_pem)
             yield cfg, proxy_port, admin_port
         finally:
             proc.stop()
         assert "Try it:" in proc.log()  # it told the user how to use it
+
+
+TLS: dict[Path, tuple[int, Path]] = {}  # config -> (TLS listener port, CA that issued it)
 
 
 def mint(cfg: Path, *args: str) -> str:
@@ -99,6 +123,37 @@ def test_minted_token_works_through_the_proxy(casb_run: tuple[Path, int, int]) -
         headers={"Authorization": f"Bearer {ref}", "Content-Type": "application/dicom"},
     )
     assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+
+def test_uploads_over_tls_pass_and_over_plaintext_are_refused(
+    casb_run: tuple[Path, int, int],
+) -> None:
+    """`casb run` (the addon after mitmproxy's own TLS set-up) presents the configured
+    certificate, and refuses uploads that reach a TLS listener over plaintext."""
+    cfg, _, _ = casb_run
+    tls_port, ca = TLS[cfg]
+    token = mint(cfg, "--sub", "alice", "--role", "radiologist")
+    body, ctype = stow_body(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+    ok = httpx.post(
+        f"https://localhost:{tls_port}/pacs/studies",
+        content=body,
+        headers=headers,
+        verify=ssl.create_default_context(cafile=str(ca)),
+    )
+    assert ok.status_code == 200, ok.text
+    plain = httpx.post(f"http://127.0.0.1:{tls_port}/pacs/studies", content=body, headers=headers)
+    assert plain.status_code == 403 and plain.json()["error"] == "insecure_transport"
+
+
+def stow_body(instance: bytes) -> tuple[bytes, str]:
+    boundary = "casb-e2e-boundary"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + instance
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 def test_admin_api(casb_run: tuple[Path, int, int]) -> None:

@@ -71,8 +71,14 @@ def casb_config(
         "environment": "production",
         "state_dir": str(workdir),
         "destinations": {
-            "pacs": {"upstream": upstream, "route": "/pacs", **(pacs or {})},
-            "research": {"upstream": upstream, "route": "/research"},
+            # Orthanc speaks plain http on loopback: a test rig
+            "pacs": {
+                "upstream": upstream,
+                "route": "/pacs",
+                "allow_plaintext": True,
+                **(pacs or {}),
+            },
+            "research": {"upstream": upstream, "route": "/research", "allow_plaintext": True},
         },
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": jwks_url},
         "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},

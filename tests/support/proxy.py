@@ -57,6 +57,17 @@ class CasbProxy:
     def start(self) -> CasbProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "casb.yaml"
+        if "listeners" not in self.config:
+            # what this process listens on (mitmdump takes the modes from argv): loopback
+            # test rigs take uploads over plaintext unless a test says otherwise
+            listeners: list[dict[str, Any]] = [
+                {"mode": "reverse", "host": "127.0.0.1", "port": self.port, "allow_plaintext": True}
+            ]
+            if self.forward_port is not None:
+                listeners.append(
+                    {"mode": "forward", "host": "127.0.0.1", "port": self.forward_port}
+                )
+            self.config = {**self.config, "listeners": listeners}
         cfg.write_text(yaml.safe_dump(self.config, sort_keys=False))
         first = next(iter(self.config["destinations"].values()))["upstream"]
         origin = "/".join(first.split("/")[:3])

@@ -133,7 +133,14 @@ def test_helm_values_config_is_a_valid_casb_config() -> None:
         state_dir="/var/lib/casb",
         policy={"paths": ["/etc/casb/policies"]},
         audit={"path": "/var/log/casb/audit.jsonl"},
-        listeners=[{"mode": "reverse", "host": "0.0.0.0", "port": values["service"]["proxyPort"]}],
+        listeners=[
+            {
+                "mode": "reverse",
+                "host": "0.0.0.0",
+                "port": values["service"]["proxyPort"],
+                "tls": {"cert_file": "/etc/casb/tls/tls.crt", "key_file": "/etc/casb/tls/tls.key"},
+            }
+        ],
     )
     config["admin"] = {
         **config.get("admin", {}),

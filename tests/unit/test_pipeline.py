@@ -78,7 +78,10 @@ def request(
 ) -> IncomingRequest:
     headers = [("Authorization", f"Bearer {tok}")] if tok else []
     headers += list(extra_headers.items())
-    return IncomingRequest(method=method, target=target, headers=headers, client_ip="10.1.2.3")
+    # a client on TLS: the transport checks have tests of their own
+    return IncomingRequest(
+        method=method, target=target, headers=headers, client_ip="10.1.2.3", client_tls=True
+    )
 
 
 async def test_allowed_request_is_rewritten_to_what_was_classified(
@@ -422,7 +425,63 @@ async def test_two_content_types_make_an_inspected_upload_ambiguous(
             ("Content-Type", 'multipart/related; type="application/dicom"; boundary=a'),
             ("Content-Type", 'multipart/related; type="application/dicom"; boundary=b'),
         ],
+        client_tls=True,
     )
     tx = await rt.pipeline.decide(req)
     assert isinstance(tx.outcome, Refusal)
     assert (tx.outcome.status, tx.outcome.code) == (400, "bad_request")
+
+
+# -- encryption in transit -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_tls", "plaintext_ok", "upstream", "dest_plaintext", "expected"),
+    [
+        (True, False, "https://pacs.example.org/dw", False, None),
+        (False, False, "https://pacs.example.org/dw", False, "arrived over plaintext HTTP"),
+        (False, True, "https://pacs.example.org/dw", False, None),
+        (True, False, "http://pacs.example.org/dw", False, "plaintext http://"),
+        (True, False, "http://pacs.example.org/dw", True, None),
+    ],
+)
+async def test_uploads_never_travel_over_a_plaintext_leg(
+    tmp_path: Path,
+    key: TestKey,
+    client_tls: bool,
+    plaintext_ok: bool,
+    upstream: str,
+    dest_plaintext: bool,
+    expected: str | None,
+) -> None:
+    rt = make_runtime(
+        tmp_path,
+        key,
+        destinations={
+            "pacs": {"upstream": upstream, "allow_plaintext": dest_plaintext},
+            "research": {"upstream": "https://research.example.org/dw"},
+        },
+    )
+    tok = token(key, ["technologist"])
+    ctype = 'multipart/related; type="application/dicom"; boundary=a'
+    base = request("/pacs/studies", tok, "POST", **{"Content-Type": ctype})
+    req = IncomingRequest(
+        method=base.method,
+        target=base.target,
+        headers=base.headers,
+        client_tls=client_tls,
+        plaintext_ok=plaintext_ok,
+    )
+    tx = await rt.pipeline.decide(req)
+    if expected is None:
+        assert isinstance(tx.outcome, Forward)
+        assert tx.warnings == (["plaintext_upstream"] if dest_plaintext else [])
+    else:
+        assert isinstance(tx.outcome, Refusal)
+        assert (tx.outcome.status, tx.outcome.code) == (403, "insecure_transport")
+        assert expected in tx.outcome.message
+    # reads are not refused for the transport
+    read = IncomingRequest(
+        method="GET", target="/pacs/studies", headers=base.headers, client_tls=client_tls
+    )
+    assert isinstance((await rt.pipeline.decide(read)).outcome, Forward)

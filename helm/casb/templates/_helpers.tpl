@@ -16,9 +16,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* casb.yaml: the user's config plus the paths and listeners the chart owns. */}}
 {{- define "casb.config" -}}
+{{- $tls := dict "cert_file" "/etc/casb/tls/tls.crt" "key_file" "/etc/casb/tls/tls.key" -}}
 {{- $owned := dict
   "state_dir" "/var/lib/casb"
-  "listeners" (list (dict "mode" "reverse" "host" "0.0.0.0" "port" .Values.service.proxyPort))
+  "listeners" (list (dict "mode" "reverse" "host" "0.0.0.0" "port" .Values.service.proxyPort "tls" $tls))
   "policy" (dict "paths" (list "/etc/casb/policies"))
   "audit" (dict "path" "/var/log/casb/audit.jsonl") -}}
 {{- $admin := merge (dict "host" "0.0.0.0" "port" .Values.service.adminPort) (.Values.config.admin | default dict) -}}
