@@ -26,7 +26,7 @@ from casb.classify import (
     encode_target,
     normalize_target,
 )
-from casb.classify.objectstore import classify_azure, classify_gcs, classify_s3
+from casb.classify.objectstore import SAS_KEYS, classify_azure, classify_gcs, classify_s3
 from casb.config import Settings
 from casb.context import Action, Principal, RequestFacts, Resource
 from casb.dlp.object_upload import object_upload_refusal
@@ -61,12 +61,6 @@ _MASKED_ACTIONS = frozenset(
 )
 _STOW_TYPES = ("multipart/related",)
 _ERROR_STYLES = {"s3": "s3", "azure_blob": "azure", "gcs": "gcs"}
-# Azure SAS query keys: a client's own SAS never reaches the upstream.
-_SAS_KEYS = frozenset(
-    {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sip", "ses", "sdd"}
-    | {"skoid", "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid"}
-    | {"rscc", "rscd", "rsce", "rscl", "rsct"}
-)
 
 
 _URL_CREDENTIALS = frozenset({"awsaccesskeyid", "signature", "expires", "googleaccessid"})
@@ -201,7 +195,7 @@ class Pipeline:
         if found is None:
             return "json"
         route, rest = found
-        if route.kind == "gcs" and rest[:1] not in (("storage",), ("upload",)):
+        if route.kind == "gcs" and rest[:1] not in (("storage",), ("upload",), ("download",)):
             return "s3"  # the GCS XML API answers errors as S3 does
         return _ERROR_STYLES.get(route.kind, "json")
 
@@ -417,7 +411,7 @@ class Pipeline:
             query = tuple((n, v) for n, v in query if not _is_url_credential(n))
         elif route.kind == "azure_blob":
             # the client's SAS, if any, is replaced by the proxy's
-            query = (*((n, v) for n, v in query if n.lower() not in _SAS_KEYS), *route.sas)
+            query = (*((n, v) for n, v in query if n.lower() not in SAS_KEYS), *route.sas)
         segments = (*route.base, *rest)
         target = (
             encode_target(segments, query)

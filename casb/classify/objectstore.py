@@ -660,7 +660,7 @@ _AZURE_CONTAINER = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 # Shared access signature parameters (account, service and user delegation SAS) and
 # their response-header overrides; the edge replaces a client's SAS with the proxy's.
-_SAS_KEYS = frozenset(
+SAS_KEYS = frozenset(
     {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sip", "ses", "sdd"}
     | {"skoid", "sktid", "skt", "ske", "sks", "skv", "skdutid", "sduoid"}
     | {"saoid", "suoid", "scid", "rscc", "rscd", "rsce", "rscl", "rsct"}
@@ -672,7 +672,7 @@ def _is_container(name: str) -> bool:
 
 
 def _azure_ignored(lower: str) -> bool:
-    return lower == "timeout" or lower in _SAS_KEYS
+    return lower == "timeout" or lower in SAS_KEYS
 
 
 _BLOB_VERSION = {"snapshot": _non_empty, "versionid": _non_empty}
@@ -721,7 +721,7 @@ def _azure_copy_source(value: str, accounts: Sequence[str]) -> tuple[str, str]:
     if src.query:
         for piece in src.query.split("&"):
             name = piece.partition("=")[0].lower()
-            if name not in _SAS_KEYS and name not in _BLOB_VERSION:
+            if name not in SAS_KEYS and name not in _BLOB_VERSION:
                 raise _Unknown(f"the {what} carries a query parameter that is not accepted")
     for account in accounts:
         base = urlsplit(account)

@@ -87,14 +87,20 @@ def _one(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 def _length(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise EnvelopeRefused(400, "bad_request", f"invalid {name} header")
     return int(value)
 
 
 def is_aws_chunked(headers: Sequence[tuple[str, str]]) -> bool:
+    """Is the body aws-chunked framed? S3 reads the framing from x-amz-content-sha256
+    (STREAMING-...), with or without Content-Encoding: aws-chunked; so does casb."""
     codings = ",".join(_get(headers, "content-encoding")).lower()
-    return "aws-chunked" in (c.strip() for c in codings.split(","))
+    if "aws-chunked" in (c.strip() for c in codings.split(",")):
+        return True
+    return any(
+        v.strip().upper().startswith("STREAMING-") for v in _get(headers, "x-amz-content-sha256")
+    )
 
 
 def aws_chunked_decoder(headers: Sequence[tuple[str, str]]) -> AwsChunkedDecoder:
@@ -164,6 +170,7 @@ def plan_upload(kind: str, headers: Sequence[tuple[str, str]], spec: EnvelopeSpe
     changes = decoded_body_headers(headers) if chunked else HeaderChanges()
     changes.remove += [
         *_PLAINTEXT_DIGESTS,
+        "x-amz-content-sha256",  # the client's hash of the plaintext (the proxy signs anew)
         *(n.lower() for n, _ in headers if n.lower().startswith(_CHECKSUM_PREFIX)),
         "transfer-encoding",
     ]
@@ -327,6 +334,8 @@ def plan_download(
     if asked is None or head:
         changes.set.append(("Content-Length", str(total)))
         if head:
+            if status == 206:  # a ranged HEAD: answer it as a whole-object HEAD
+                changes.status = 200
             return DownloadPlan(changes, None, total)
         if status == 206:
             raise IntegrityError("the store answered a partial object to a whole-object read")
