@@ -330,10 +330,12 @@ class _RequestTransform:
         self.flow, self.tx, self.transform = flow, tx, transform
         self.started = False
         self.failed = False
+        self.bytes_in = 0
         flow.metadata[_REQUEST_TRANSFORM] = self
 
     def __call__(self, data: bytes) -> list[bytes]:
         self.started = True
+        self.bytes_in += len(data)
         if self.failed:
             return []
         try:
@@ -345,6 +347,15 @@ class _RequestTransform:
             self.flow.metadata[_KILLED] = (400, "bad_request")
             self.flow.kill()
             return []
+
+
+def _passthrough(data: bytes) -> list[bytes]:
+    return [data] if data else []
+
+
+def _has_body(req: http.Request) -> bool:
+    length = req.headers.get("content-length", "")
+    return "transfer-encoding" in req.headers or (length.isdigit() and int(length) > 0)
 
 
 def _decoder_transform(decoder: AwsChunkedDecoder) -> Transform:
@@ -621,16 +632,25 @@ class CasbAddon:
         _rewrite(req, tx.outcome)
         if tx.outcome.kind != "dicomweb":
             self._object_request(flow, tx, tx.outcome)
-            return
-        plan = tx.outcome.dlp
-        if plan is not None:
-            # DLP reads whole bodies as sent: ask the upstream for uncompressed, complete
-            # answers (a byte range of an instance cannot be de-identified).
-            for name in ("accept-encoding", "range", "if-range"):
-                req.headers.pop(name, None)
-            tx.dlp = DlpReport(profile=plan.profile, direction=plan.direction)
-            if plan.direction == "request":
-                self._inspect_upload(flow, tx, plan)
+        else:
+            plan = tx.outcome.dlp
+            if plan is not None:
+                # DLP reads whole bodies as sent: ask the upstream for uncompressed,
+                # complete answers (a byte range of an instance cannot be de-identified).
+                for name in ("accept-encoding", "range", "if-range"):
+                    req.headers.pop(name, None)
+                tx.dlp = DlpReport(profile=plan.profile, direction=plan.direction)
+                if plan.direction == "request":
+                    self._inspect_upload(flow, tx, plan)
+        if (
+            flow.response is None
+            and not req.stream
+            and not (_OBJECT_DLP in flow.metadata or _POST_FORM in flow.metadata)
+            and _has_body(req)
+        ):
+            # Nothing rewrites this body: stream it through (memory stays bounded
+            # whatever its size), counting its bytes for the audit record.
+            req.stream = _RequestTransform(flow, tx, _passthrough)
 
     def _inspect_upload(self, flow: http.HTTPFlow, tx: Transaction, plan: DlpPlan) -> None:
         """Stream the upload through DLP: each instance's header is inspected before it
@@ -703,11 +723,16 @@ class CasbAddon:
                 req.stream = _RequestTransform(flow, tx, upload.transform)
                 tx.envelope = "encrypted"
                 transformed = True
-            elif op in (EnvelopeOp.DECRYPT, EnvelopeOp.METADATA):
+            elif op is EnvelopeOp.DECRYPT:
                 assert fwd.envelope is not None
                 asked, changes = range_request(fwd.kind, headers, fwd.envelope)
                 _apply_changes(req.headers, changes)
-                flow.metadata[_ENVELOPE_READ] = (asked, fwd.envelope, op is EnvelopeOp.METADATA)
+                flow.metadata[_ENVELOPE_READ] = (asked, fwd.envelope, False)
+            elif op is EnvelopeOp.METADATA:  # HEAD: the whole object's plaintext length
+                assert fwd.envelope is not None
+                for name in ("range", "x-ms-range", "if-range"):
+                    req.headers.pop(name, None)
+                flow.metadata[_ENVELOPE_READ] = (None, fwd.envelope, True)
             elif is_aws_chunked(headers) and (
                 req.headers.get("x-amz-content-sha256", "") != "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
             ):
@@ -1096,7 +1121,13 @@ class CasbAddon:
         """Write the audit record; False (and the response withheld) if it cannot be."""
         assert self.runtime is not None
         upload = flow.metadata.get(_UPLOAD)
-        bytes_in = upload.bytes_in if upload is not None else len(flow.request.raw_content or b"")
+        transform = flow.metadata.get(_REQUEST_TRANSFORM)
+        if upload is not None:
+            bytes_in = upload.bytes_in
+        elif transform is not None and transform.started:
+            bytes_in = transform.bytes_in
+        else:
+            bytes_in = len(flow.request.raw_content or b"")
         if reason is not None:
             tx.reasons = (*tx.reasons, reason)
         if tx.dlp is not None and upload is not None:

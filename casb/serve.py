@@ -47,7 +47,9 @@ def mitmproxy_options(settings: Settings) -> dict[str, object]:
         "confdir": str(settings.state_dir / "mitmproxy"),  # the CA forward-mode clients trust
         "connection_strategy": "lazy",  # connect upstream only for requests we allow
         "body_size_limit": str(settings.limits.max_body_bytes),
-        "keep_host_header": False,  # the addon sets Host for the destination
+        # keep the client's Host (S3 virtual-hosted buckets are named in it); the addon
+        # always sets Host for the destination it forwards to
+        "keep_host_header": True,
         # TLS 1.2 or newer on both legs; upstream certificates are always verified.
         "tls_version_client_min": "TLS1_2",
         "tls_version_server_min": "TLS1_2",

@@ -61,6 +61,7 @@ def proxy_config(
                 "kind": "s3",
                 "upstream": moto_tls.url,
                 "route": "/images",
+                "virtual_host": "localhost",  # <bucket>.localhost names the bucket
                 "upstream_auth": auth,
                 "tls": {"ca_bundle": str(pki.ca_pem)},
             },
@@ -216,6 +217,32 @@ def test_put_object_with_sse_is_stored(
     assert s3.get_object(Bucket="scans", Key="notes/a.bin")["Body"].read() == body
     listed = s3.list_objects_v2(Bucket="scans", Prefix="notes/")
     assert [o["Key"] for o in listed["Contents"]] == ["notes/a.bin"]
+
+
+def test_virtual_hosted_requests_name_the_bucket_in_the_host(
+    s3proxy: CasbProxy,
+    object_store_pki: TlsFiles,
+    mint: Mint,
+    buckets: None,
+    moto_tls_server: MotoServer,
+) -> None:
+    token = mint(roles=["technologist"])
+    base = f"https://127.0.0.1:{s3proxy.port}/images"
+    tls = ssl.create_default_context(cafile=str(object_store_pki.ca_pem))
+    host = {"Host": f"scans.localhost:{s3proxy.port}", "Authorization": f"Bearer {token}"}
+    put = httpx.put(
+        f"{base}/vhost/a.bin",
+        content=b"virtual",
+        headers={**host, "x-amz-server-side-encryption": "AES256"},
+        verify=tls,
+    )
+    assert put.status_code == 200, put.text
+    stored = moto_tls_server.client().get_object(Bucket="scans", Key="vhost/a.bin")
+    assert stored["Body"].read() == b"virtual"
+    listed = httpx.get(f"{base}/?list-type=2&prefix=vhost/", headers=host, verify=tls)
+    assert listed.status_code == 200 and "<Key>vhost/a.bin</Key>" in listed.text
+    (record,) = records_for(s3proxy, put.headers["x-request-id"])
+    assert record["object"]["bucket"] == "scans"
 
 
 def test_kms_without_a_key_is_refused_when_sse_is_malformed(
@@ -610,6 +637,55 @@ def test_old_objects_still_read_after_the_kek_is_rotated(
     assert s3.get_object(Bucket="exports", Key="research/new.bin")["Body"].read() == (
         b"after rotation"
     )
+
+
+def test_an_upload_whose_checksum_trailer_is_wrong_is_never_stored(
+    s3proxy: CasbProxy,
+    object_store_pki: TlsFiles,
+    mint: Mint,
+    buckets: None,
+    moto_server: MotoServer,
+) -> None:
+    """aws-chunked with a CRC32 trailer that does not match: the proxy learns of the
+    mismatch only at the end of the body and must not let the store complete the object.
+    (How the body is split on the way is up to the network; the hold-back of the final
+    sealed chunk that makes this hold for every split is unit-tested with controlled
+    splits in tests/unit/test_object_crypto.py.)"""
+    import base64
+    import zlib
+
+    data = os.urandom(3 * CHUNK + 100)
+    bad_crc = base64.b64encode((zlib.crc32(data) ^ 1).to_bytes(4, "big")).decode()
+    body = (
+        f"{len(data):x}\r\n".encode()
+        + data
+        + b"\r\n0\r\n"
+        + f"x-amz-checksum-crc32:{bad_crc}\r\n\r\n".encode()
+    )
+    token = mint(roles=["radiologist"])
+    with pytest.raises(httpx.HTTPError):
+        response = httpx.put(
+            f"https://127.0.0.1:{s3proxy.port}/vault/exports/research/bad-crc.bin",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Encoding": "aws-chunked",
+                "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                "x-amz-decoded-content-length": str(len(data)),
+                "x-amz-trailer": "x-amz-checksum-crc32",
+            },
+            verify=ssl.create_default_context(cafile=str(object_store_pki.ca_pem)),
+        )
+        response.raise_for_status()
+    listed = moto_server.client().list_objects_v2(Bucket="exports", Prefix="research/bad-crc")
+    assert listed.get("KeyCount", 0) == 0
+    records = [
+        r
+        for r in s3proxy.audit_records()
+        if r["object"] and r["object"]["operation"] == "PutObject" and r["status"] == 400
+    ]
+    assert records and records[-1]["error"] == "bad_request"
+    assert any("checksum" in reason for reason in records[-1]["reasons"])
 
 
 def test_envelope_destination_refuses_multipart_uploads(

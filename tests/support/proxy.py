@@ -81,6 +81,8 @@ class CasbProxy:
             f"confdir={self.workdir / 'mitmproxy'}",
             "--set",
             "connection_strategy=lazy",
+            "--set",
+            "keep_host_header=true",
             "--mode",
             f"reverse:{origin}@127.0.0.1:{self.port}",
         ]
