@@ -376,9 +376,13 @@ async def _read_body(reader: asyncio.StreamReader, head: bytes, sink: _Sink) -> 
 
 
 async def _upstream_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, report: Connection, port: int
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    report: Connection,
+    port: int,
+    answer: bytes | None = None,
 ) -> None:
-    answer = stow_response(port)
+    answer = stow_response(port) if answer is None else answer
     try:
         while True:
             try:
@@ -398,11 +402,11 @@ async def _upstream_connection(
         writer.close()
 
 
-async def _upstream_main(ready: Connection, report: Connection) -> None:
+async def _upstream_main(ready: Connection, report: Connection, answer: bytes | None) -> None:
     port_box: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _upstream_connection(reader, writer, report, port_box[0])
+        await _upstream_connection(reader, writer, report, port_box[0], answer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port_box.append(server.sockets[0].getsockname()[1])
@@ -412,15 +416,19 @@ async def _upstream_main(ready: Connection, report: Connection) -> None:
         await server.serve_forever()
 
 
-def upstream_process(ready: Connection, report: Connection) -> None:
+def upstream_process(ready: Connection, report: Connection, answer: bytes | None = None) -> None:
     """Entry point of the upstream process; the parent stops it (SIGTERM)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_upstream_main(ready, report))
+    asyncio.run(_upstream_main(ready, report, answer))
 
 
 class Upstream:
-    def __init__(self) -> None:
+    """The sink process. `answer`: the whole HTTP response it sends after each request
+    (default: the STOW-RS answer above)."""
+
+    def __init__(self, answer: bytes | None = None) -> None:
         self.port = 0
+        self.answer = answer
         self._proc: BaseProcess | None = None
         self._reports: queue.Queue[dict[str, Any]] = queue.Queue()
 
@@ -430,7 +438,7 @@ class Upstream:
         reports_in, reports_out = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=upstream_process,
-            args=(child, reports_out),
+            args=(child, reports_out, self.answer),
             daemon=True,
             name="casb-bench-sink",
         )
@@ -648,7 +656,7 @@ def write_policy(workdir: Path) -> Path:
 
 
 def write_casb_config(
-    workdir: Path, upstream: int, jwks_path: Path, policy: Path, max_body: int
+    workdir: Path, upstream: int, jwks_path: Path, policy: Path, max_body: int, port: int
 ) -> tuple[Path, Path]:
     audit = workdir / "audit.jsonl"
     key = workdir / "dlp-uid.key"
@@ -657,8 +665,16 @@ def write_casb_config(
     config = {
         "environment": "production",
         "state_dir": str(workdir),
+        # loopback bench rig: plaintext legs allowed (casb refuses them otherwise)
+        "listeners": [
+            {"mode": "reverse", "host": "127.0.0.1", "port": port, "allow_plaintext": True}
+        ],
         "destinations": {
-            "pacs": {"upstream": f"http://127.0.0.1:{upstream}/dicom-web", "route": "/pacs"}
+            "pacs": {
+                "upstream": f"http://127.0.0.1:{upstream}/dicom-web",
+                "route": "/pacs",
+                "allow_plaintext": True,
+            }
         },
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_file": str(jwks_path)},
         "policy": {"paths": [str(policy)]},
@@ -736,9 +752,7 @@ class Rig:
             )
         else:
             workdir.mkdir(parents=True)
-            config, self.audit_path = write_casb_config(
-                workdir, self.upstream.port, self.jwks_path, self.policy, max_body
-            )
+            config = workdir / "casb.yaml"
             self.casb_sent = 0
             proxy = Mitmdump(
                 "casb",
@@ -746,6 +760,9 @@ class Rig:
                 self.upstream.port,
                 extra=["-s", str(ADDON), "--set", f"casb_config={config}", *self.extra_casb],
                 prefix=prefix,
+            )
+            _, self.audit_path = write_casb_config(
+                workdir, self.upstream.port, self.jwks_path, self.policy, max_body, proxy.port
             )
         self.proxy = proxy
         proxy.start()
