@@ -76,6 +76,7 @@ _ERROR = "casb.error"  # error code of a refusal made after the request was forw
 _OBJECT_DLP = "casb.object_dlp"  # an object-store upload read whole for DLP in `request`
 _ENVELOPE_READ = "casb.envelope_read"  # (range asked, spec, head) of an envelope read
 _DECRYPT_WHOLE = "casb.decrypt_whole"  # a buffered envelope object to decrypt in `response`
+_GCS_METADATA = "casb.gcs_metadata"  # a GCS JSON upload whose metadata is checked in `request`
 _POST_FORM = "casb.post_form"  # an S3 browser POST upload: its fields checked in `request`
 _KILLED = "casb.killed"  # (status, code) when a body transform cut the flow
 _REQUEST_TRANSFORM = "casb.request_transform"  # the _RequestTransform of an upload
@@ -645,7 +646,7 @@ class CasbAddon:
         if (
             flow.response is None
             and not req.stream
-            and not (_OBJECT_DLP in flow.metadata or _POST_FORM in flow.metadata)
+            and not any(k in flow.metadata for k in (_OBJECT_DLP, _POST_FORM, _GCS_METADATA))
             and _has_body(req)
         ):
             # Nothing rewrites this body: stream it through (memory stays bounded
@@ -711,6 +712,11 @@ class CasbAddon:
                     )
                 flow.metadata[_POST_FORM] = True
                 return  # read whole; the form's fields are checked in `request`
+            if fwd.kind == "gcs" and fwd.operation in (
+                "InsertObject:multipart",
+                "InsertObject:resumable",
+            ):
+                flow.metadata[_GCS_METADATA] = True  # read whole: its metadata is checked
             if fwd.dlp is not None and fwd.dlp.direction == "request":
                 tx.dlp = DlpReport(profile=fwd.dlp.profile, direction="request")
                 flow.metadata[_OBJECT_DLP] = op
@@ -895,6 +901,18 @@ class CasbAddon:
         tx = flow.metadata.get(_META)
         if _POST_FORM in flow.metadata and isinstance(tx, Transaction) and flow.response is None:
             self._check_post_form(flow, tx)
+            return
+        if _GCS_METADATA in flow.metadata and isinstance(tx, Transaction) and flow.response is None:
+            from casb.objectstore.gcs_metadata import metadata_refusal
+
+            assert isinstance(tx.outcome, Forward)
+            problem = metadata_refusal(
+                tx.outcome.operation,
+                flow.request.headers.get("content-type", ""),
+                flow.request.raw_content or b"",
+            )
+            if problem is not None:
+                _refuse(flow, tx, Refusal(403, "forbidden", problem))
             return
         if _OBJECT_DLP in flow.metadata and isinstance(tx, Transaction) and flow.response is None:
             self._object_upload_whole(flow, tx)
