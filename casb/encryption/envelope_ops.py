@@ -5,8 +5,8 @@ ciphertext length is computed from it) and decrypts objects on read. Operations 
 assemble an object from several requests (S3 multipart uploads, Azure blocks, GCS
 resumable and JSON multipart uploads, browser POST) cannot be envelope-encrypted in this
 version: they are refused, never stored in plaintext. A copy keeps the ciphertext and its
-metadata, so it is allowed only inside the same destination and without replacing the
-metadata.
+metadata, so it is allowed only inside the same bucket (whose objects the proxy sealed),
+without replacing the metadata.
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ def envelope_op(
     if operation == "CopyObject":
         directive = [v for n, v in headers if n.lower() == "x-amz-metadata-directive"]
         if not copy_in_destination:
-            return (
-                "a copy into an envelope-encrypted destination must come from the same destination"
-            )
+            return "a copy into an envelope-encrypted bucket must come from the same bucket"
         if any(v.strip().upper() != "COPY" for v in directive):
             return (
                 "a copy must keep the object's metadata (x-amz-metadata-directive: COPY): "

@@ -452,7 +452,7 @@ async def test_envelope_destinations_forward_what_they_can_serve(
             [("x-amz-copy-source", "bkt/a.dcm"), ("x-amz-metadata-directive", "REPLACE")],
             "x-amz-metadata-directive: COPY",
         ),
-        ("/vault/bkt/b.dcm", "PUT", [("x-amz-copy-source", "other/a.dcm")], "same destination"),
+        ("/vault/bkt/b.dcm", "PUT", [("x-amz-copy-source", "other/a.dcm")], "same bucket"),
     ],
 )
 async def test_envelope_destinations_refuse_what_they_cannot(

@@ -56,4 +56,4 @@ def test_unreadable_metadata_fails_closed(body: bytes) -> None:
 
 
 def test_other_operations_are_not_its_business() -> None:
-    assert metadata_refusal("InsertObject:media", "application/dicom", b"{\"acl\": 1}") is None
+    assert metadata_refusal("InsertObject:media", "application/dicom", b'{"acl": 1}') is None
