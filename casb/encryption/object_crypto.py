@@ -54,6 +54,7 @@ _PLAINTEXT_DIGESTS = (
 )
 _CHECKSUM_PREFIX = "x-amz-checksum-"
 _RANGE_HEADERS = {"s3": "range", "gcs": "range", "azure_blob": "x-ms-range"}
+_COALESCE = 64 * 1024
 _BYTES_RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})")
 
 
@@ -185,19 +186,38 @@ def plan_upload(kind: str, headers: Sequence[tuple[str, str]], spec: EnvelopeSpe
     changes.set.append(("Content-Length", str(ciphertext_length(length, spec.chunk_bytes))))
 
     held: list[bytes] = []
+    pending = bytearray()
+    fed = 0
+
+    def to_sealer(piece: bytes) -> list[bytes]:
+        # The network hands over pieces of a few KiB and sealing costs per call: small
+        # pieces are gathered to _COALESCE bytes (bounded memory), and flushed as soon
+        # as the declared length is complete.
+        nonlocal fed
+        fed += len(piece)
+        if fed > length:
+            return sealer.feed(bytes(pending) + piece)  # raises: longer than declared
+        if not pending and (len(piece) >= _COALESCE or fed == length):
+            return sealer.feed(piece)
+        pending.extend(piece)
+        if len(pending) < _COALESCE and fed < length:
+            return []
+        gathered = bytes(pending)
+        pending.clear()
+        return sealer.feed(gathered)
+
+    def finish() -> list[bytes]:
+        out = sealer.feed(bytes(pending)) if pending else []
+        pending.clear()
+        return out + sealer.finish()
 
     def seal(data: bytes) -> list[bytes]:
         if decoder is None:
-            return sealer.feed(data) if data else sealer.finish()
-        if data:
-            out: list[bytes] = []
-            for piece in decoder.feed(data):
-                out += sealer.feed(piece)
-            return out
-        out = []
-        for piece in decoder.finish():
-            out += sealer.feed(piece)
-        return out + sealer.finish()
+            return to_sealer(data) if data else finish()
+        out: list[bytes] = []
+        for piece in decoder.feed(data) if data else decoder.finish():
+            out += to_sealer(piece)
+        return out if data else out + finish()
 
     def transform(data: bytes) -> list[bytes]:
         # The latest sealed chunk is held back until the body ended well (length and
