@@ -351,6 +351,9 @@ class DlpConfig(_Model):
     max_header_bytes: int = Field(16 * 1024**2, ge=4096)
     # Largest QIDO-RS / WADO-RS metadata (JSON) response held in memory to be masked.
     max_json_bytes: int = Field(64 * 1024**2, ge=4096)
+    # Largest object-store upload held in memory to be inspected whole (object stores
+    # need the length of what they store up front, and de-identification changes it).
+    max_object_bytes: int = Field(512 * 1024**2, ge=4096)
 
 
 class Settings(BaseSettings):

@@ -350,6 +350,24 @@ class _RequestTransform:
             return []
 
 
+def _check_object_size(headers: list[tuple[str, str]], cap: int) -> None:
+    """An upload DLP reads whole must say how large it is, and not exceed the cap."""
+    names = ("x-amz-decoded-content-length",) if is_aws_chunked(headers) else ("content-length",)
+    values = [v.strip() for n, v in headers if n.lower() in names]
+    if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()):
+        raise EnvelopeRefused(
+            411,
+            "length_required",
+            "uploads inspected for PHI must declare their length (Content-Length)",
+        )
+    if int(values[0]) > cap:
+        raise EnvelopeRefused(
+            413,
+            "body_too_large",
+            f"uploads inspected for PHI are read whole, up to {cap} bytes (dlp.max_object_bytes)",
+        )
+
+
 def _passthrough(data: bytes) -> list[bytes]:
     return [data] if data else []
 
@@ -719,6 +737,7 @@ class CasbAddon:
                 flow.metadata[_GCS_METADATA] = True  # read whole: its metadata is checked
             if fwd.dlp is not None and fwd.dlp.direction == "request":
                 tx.dlp = DlpReport(profile=fwd.dlp.profile, direction="request")
+                _check_object_size(headers, fwd.dlp.max_object_bytes)
                 flow.metadata[_OBJECT_DLP] = op
                 return  # read whole; inspected, encrypted and signed in `request`
             transformed = False
@@ -835,17 +854,18 @@ class CasbAddon:
             tx.envelope = f"integrity_error: {exc}"
             self._replace_streamed(flow, tx, str(exc), status=502, code="integrity_error")
             return True
+        sized = "content-length" in resp.headers  # checked against the metadata
         _apply_changes(resp.headers, plan.changes)
         if plan.changes.status is not None:
             resp.status_code = plan.changes.status
         tx.envelope = "decrypted"
         if plan.opener is None:
             return False  # HEAD: no body; audited like any small response
-        if plan.length <= spec.verify_whole_bytes:
+        if plan.length <= spec.verify_whole_bytes and sized:
+            # buffered (its size known and checked against the metadata): decrypted in
+            # `response`, nothing sent before that
             flow.metadata[_DECRYPT_WHOLE] = plan
-            return True  # buffered: decrypted in `response`, nothing sent before that
-        resp.headers.pop("content-length", None)
-        resp.headers["content-length"] = str(plan.length)
+            return True
         resp.stream = _AuditedStream(self, flow, tx, _Decrypting(opener_transform(plan.opener), tx))
         return True
 

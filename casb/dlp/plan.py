@@ -124,6 +124,10 @@ class DlpPlan:
     def max_json_bytes(self) -> int:
         return self.inspectors.config.max_json_bytes
 
+    @property
+    def max_object_bytes(self) -> int:
+        return self.inspectors.config.max_object_bytes
+
     def inspector(self) -> Inspector:
         return self.inspectors.inspector(self.profile)
 

@@ -313,6 +313,14 @@ class DownloadPlan:
     length: int  # plaintext bytes the client receives
 
 
+def _check_body_length(headers: Sequence[tuple[str, str]], expected: int) -> None:
+    """The store's Content-Length must be the ciphertext the metadata describes: a
+    body of any other size is not this object (and is not buffered to find out)."""
+    values = _get(headers, "content-length")
+    if len(values) > 1 or (values and values[0].strip() != str(expected)):
+        raise IntegrityError("the stored object's size does not match its envelope metadata")
+
+
 def _response_range_start(headers: Sequence[tuple[str, str]]) -> int | None:
     value = _one(headers, "content-range")
     if value is None:
@@ -359,6 +367,7 @@ def plan_download(
             return DownloadPlan(changes, None, total)
         if status == 206:
             raise IntegrityError("the store answered a partial object to a whole-object read")
+        _check_body_length(headers, header.ciphertext_length)
         return DownloadPlan(changes, open_object(spec.keys, header), total)
     if total == 0:
         raise EnvelopeRefused(416, "range_not_satisfiable", "the object is empty")
@@ -384,11 +393,13 @@ def plan_download(
                 "the object was stored with another chunk size than this destination uses: "
                 "read it whole"
             )
+        _check_body_length(headers, span.cipher_end - span.cipher_start + 1)
         opener = open_range(spec.keys, header, span)
     else:
         # the whole object came back (a suffix range, or a store that ignored Range)
         if status == 206:
             raise IntegrityError("the store answered a partial object to a whole-object read")
+        _check_body_length(headers, header.ciphertext_length)
         opener = _slicing_opener(spec, header, span.start, span.length)
     changes.status = 206
     changes.set += [

@@ -89,6 +89,7 @@ def proxy_config(
         }
     )
     config["policy"]["paths"].append(str(REPO / "policies" / "objectstores.yaml"))
+    config["dlp"]["max_object_bytes"] = 100_000  # objects DLP reads whole, in memory
     # a role that uploads without DLP (browser POST forms cannot be inspected)
     extra = workdir / "uploader.yaml"
     extra.write_text(
@@ -207,7 +208,7 @@ def test_put_object_with_sse_is_stored(
     moto_tls_server: MotoServer,
 ) -> None:
     s3 = s3_via_proxy(s3proxy, object_store_pki, mint(roles=["technologist"]), "images")
-    body = os.urandom(200_000)
+    body = os.urandom(60_000)  # under dlp.max_object_bytes: this role uploads under DLP
     s3.put_object(Bucket="scans", Key="notes/a.bin", Body=body, ServerSideEncryption="AES256")
     direct = moto_tls_server.client()
     stored = direct.get_object(Bucket="scans", Key="notes/a.bin")
@@ -389,6 +390,27 @@ def test_clean_dicom_is_stored_unchanged(
     s3.put_object(Bucket="scans", Key="mr/MR_small.dcm", Body=body, ServerSideEncryption="AES256")
     stored = moto_tls_server.client().get_object(Bucket="scans", Key="mr/MR_small.dcm")
     assert stored["Body"].read() == body
+
+
+def test_an_upload_dlp_would_hold_beyond_its_cap_is_refused_before_reading(
+    s3proxy: CasbProxy,
+    object_store_pki: TlsFiles,
+    mint: Mint,
+    buckets: None,
+    moto_tls_server: MotoServer,
+) -> None:
+    s3 = s3_via_proxy(s3proxy, object_store_pki, mint(roles=["technologist"]), "images")
+    with pytest.raises(ClientError) as caught:
+        s3.put_object(
+            Bucket="scans",
+            Key="big/x.dcm",
+            Body=os.urandom(200_000),
+            ServerSideEncryption="AES256",
+        )
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert "max_object_bytes" in caught.value.response["Error"]["Message"]
+    keys = moto_tls_server.client().list_objects_v2(Bucket="scans", Prefix="big/")
+    assert keys.get("KeyCount", 0) == 0
 
 
 def test_dicom_dlp_refuses_multipart_uploads(

@@ -110,6 +110,15 @@ def chunked_headers(length: int, encoded: int, *, trailer: bool = True) -> Heade
     return headers
 
 
+def ranged(stored: Headers, first: int, last: int, total: int) -> Headers:
+    """The headers of a store's 206 answer for ciphertext bytes first..last."""
+    return [
+        *((n, v) for n, v in stored if n.lower() != "content-length"),
+        ("Content-Length", str(last - first + 1)),
+        ("Content-Range", f"bytes {first}-{last}/{total}"),
+    ]
+
+
 def store(kind: str, plain: bytes = PLAIN, seed: int = 1) -> tuple[bytes, Headers]:
     """Seal `plain` as an upload; the stored body and the metadata headers a store
     returns with it (plus its own Content-Length, ETag and checksum)."""
@@ -532,8 +541,7 @@ def test_ranged_reads_round_trip(kind: str, start: int, end: int | None) -> None
     asked, req_changes = range_request(kind, [(name, value)], SPEC)
     first, last = upstream_slice(ct, req_changes, kind)
     assert first % FULL == 0  # whole chunks are fetched
-    answer = [(n, v) for n, v in stored if n.lower() != "content-length"]
-    answer += [("Content-Range", f"bytes {first}-{last}/{len(ct)}")]
+    answer = ranged(stored, first, last, len(ct))
     plan = plan_download(kind, 206, answer, SPEC, asked, head=False)
     stop = len(PLAIN) - 1 if end is None else min(end, len(PLAIN) - 1)
     expected = PLAIN[start : stop + 1]
@@ -577,7 +585,7 @@ def test_a_suffix_range_is_cut_from_the_whole_object(suffix: int, start: int) ->
 def test_a_suffix_range_answered_partially_is_refused() -> None:
     ct, stored = store("s3")
     asked, _ = range_request("s3", [("Range", "bytes=-10")], SPEC)
-    answer = [*stored, ("Content-Range", f"bytes 300-379/{len(ct)}")]
+    answer = ranged(stored, 300, 379, len(ct))
     with pytest.raises(IntegrityError):
         plan_download("s3", 206, answer, SPEC, asked, head=False)
 
@@ -586,7 +594,7 @@ def test_a_suffix_range_answered_partially_is_refused() -> None:
 def test_a_range_beyond_the_end_is_416(value: str) -> None:
     ct, stored = store("s3")
     asked, _ = range_request("s3", [("Range", value)], SPEC)
-    answer = [*stored, ("Content-Range", f"bytes 320-379/{len(ct)}")]
+    answer = ranged(stored, 320, 379, len(ct))
     for status, headers in ((206, answer), (200, stored)):
         with pytest.raises(EnvelopeRefused) as info:
             plan_download("s3", status, headers, SPEC, asked, head=False)
@@ -603,7 +611,7 @@ def test_any_range_of_an_empty_object_is_416() -> None:
 
 def test_a_partial_answer_to_a_whole_read_is_refused() -> None:
     ct, stored = store("s3")
-    answer = [*stored, ("Content-Range", f"bytes 0-79/{len(ct)}")]
+    answer = ranged(stored, 0, 79, len(ct))
     with pytest.raises(IntegrityError):
         plan_download("s3", 206, answer, SPEC, None, head=False)
 
@@ -621,7 +629,7 @@ def test_an_object_stored_with_another_chunk_size_cannot_be_read_by_range() -> N
     ct, stored = store("s3")
     other = EnvelopeSpec(KEYS, 2 * CHUNK, 1 << 20)
     asked, _ = range_request("s3", [("Range", "bytes=0-9")], other)
-    answer = [*stored, ("Content-Range", f"bytes 0-159/{len(ct)}")]
+    answer = ranged(stored, 0, 159, len(ct))
     with pytest.raises(EnvelopeError, match="chunk size"):
         plan_download("s3", 206, answer, other, asked, head=False)
     whole = plan_download("s3", 200, stored, other, None, head=False)  # read whole: fine
@@ -635,7 +643,7 @@ def test_a_tampered_ranged_read_releases_nothing_of_the_bad_chunk() -> None:
     first, last = upstream_slice(ct, changes, "s3")
     body = bytearray(ct[first : last + 1])
     body[FULL + 3] ^= 1  # second fetched chunk
-    answer = [*stored, ("Content-Range", f"bytes {first}-{last}/{len(ct)}")]
+    answer = ranged(stored, first, last, len(ct))
     plan = plan_download("s3", 206, answer, SPEC, asked, head=False)
     assert plan.opener is not None
     transform = opener_transform(plan.opener)
@@ -643,6 +651,17 @@ def test_a_tampered_ranged_read_releases_nothing_of_the_bad_chunk() -> None:
     assert b"".join(got) == PLAIN[100:128]  # the verified first chunk only
     with pytest.raises(IntegrityError):
         transform(bytes(body[FULL:]))
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 10**9])
+def test_a_stored_size_other_than_the_metadata_says_is_refused_before_reading(
+    delta: int,
+) -> None:
+    ct, stored = store("s3")
+    answer = [(n, v) for n, v in stored if n.lower() != "content-length"]
+    answer.append(("Content-Length", str(len(ct) + delta)))
+    with pytest.raises(IntegrityError, match="size does not match"):
+        plan_download("s3", 200, answer, SPEC, None, head=False)
 
 
 @pytest.mark.parametrize("head", [False, True])

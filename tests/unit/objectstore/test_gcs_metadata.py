@@ -48,7 +48,11 @@ def test_an_acl_in_the_metadata_is_refused(operation: str) -> None:
         b"not multipart at all",
         multipart(b"{not json"),
         multipart(b"[1, 2]"),
-        f"--{BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{BOUNDARY}--\r\n".encode(),
+        # a metadata part and no media part
+        (
+            f"--{BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}"
+            + f"\r\n--{BOUNDARY}--\r\n"
+        ).encode(),
     ],
 )
 def test_unreadable_metadata_fails_closed(body: bytes) -> None:
