@@ -351,20 +351,22 @@ class _RequestTransform:
 
 
 def _check_object_size(headers: list[tuple[str, str]], cap: int) -> None:
-    """An upload DLP reads whole must say how large it is, and not exceed the cap."""
+    """An upload casb reads whole (DLP, a browser POST form, GCS upload metadata) must say
+    how large it is, and not exceed the cap (dlp.max_object_bytes)."""
     names = ("x-amz-decoded-content-length",) if is_aws_chunked(headers) else ("content-length",)
     values = [v.strip() for n, v in headers if n.lower() in names]
     if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()):
         raise EnvelopeRefused(
             411,
             "length_required",
-            "uploads inspected for PHI must declare their length (Content-Length)",
+            "this upload is read whole before it is forwarded: declare its length",
         )
     if int(values[0]) > cap:
         raise EnvelopeRefused(
             413,
             "body_too_large",
-            f"uploads inspected for PHI are read whole, up to {cap} bytes (dlp.max_object_bytes)",
+            f"this upload is read whole before it is forwarded, up to {cap} bytes "
+            "(dlp.max_object_bytes)",
         )
 
 
@@ -728,12 +730,16 @@ class CasbAddon:
                         "credentials, and this destination signs with the proxy's: use "
                         "PutObject",
                     )
+                assert self.runtime is not None
+                _check_object_size(headers, self.runtime.settings.dlp.max_object_bytes)
                 flow.metadata[_POST_FORM] = True
                 return  # read whole; the form's fields are checked in `request`
             if fwd.kind == "gcs" and fwd.operation in (
                 "InsertObject:multipart",
                 "InsertObject:resumable",
             ):
+                assert self.runtime is not None
+                _check_object_size(headers, self.runtime.settings.dlp.max_object_bytes)
                 flow.metadata[_GCS_METADATA] = True  # read whole: its metadata is checked
             if fwd.dlp is not None and fwd.dlp.direction == "request":
                 tx.dlp = DlpReport(profile=fwd.dlp.profile, direction="request")

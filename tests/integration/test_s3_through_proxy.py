@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +502,16 @@ def test_plaintext_upstream_refuses_store_unless_allowed(s3proxy: CasbProxy, min
 # -- envelope encryption ----------------------------------------------------------------
 
 
+def flip_stored_bit(store: MotoServer, key: str, where: Callable[[int], int], mask: int) -> None:
+    """Tamper with a stored envelope object in place, straight in the store (as someone
+    with write access to the bucket could), keeping its metadata."""
+    direct = store.client()
+    stored = direct.get_object(Bucket="exports", Key=key)
+    body = bytearray(stored["Body"].read())
+    body[where(len(body))] ^= mask
+    direct.put_object(Bucket="exports", Key=key, Body=bytes(body), Metadata=stored["Metadata"])
+
+
 def vault_client(proxy: CasbProxy, pki: TlsFiles, mint: Mint) -> Any:
     return s3_via_proxy(proxy, pki, mint(roles=["radiologist"]), "vault")
 
@@ -570,13 +580,7 @@ def test_a_flipped_ciphertext_byte_fails_the_read_with_an_integrity_error(
     original = dicom_bytes("MR_small.dcm")
     s3 = vault_client(s3proxy, object_store_pki, mint)
     s3.put_object(Bucket="exports", Key="research/mr.dcm", Body=original)
-    direct = moto_server.client()
-    stored = direct.get_object(Bucket="exports", Key="research/mr.dcm")
-    tampered = bytearray(stored["Body"].read())
-    tampered[len(tampered) // 2] ^= 0x01
-    direct.put_object(
-        Bucket="exports", Key="research/mr.dcm", Body=bytes(tampered), Metadata=stored["Metadata"]
-    )
+    flip_stored_bit(moto_server, "research/mr.dcm", lambda size: size // 2, 0x01)
     with pytest.raises(ClientError) as caught:
         s3.get_object(Bucket="exports", Key="research/mr.dcm")
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 502
@@ -596,17 +600,8 @@ def test_a_tampered_large_object_releases_only_authenticated_plaintext(
     original = os.urandom(5 * VERIFY_WHOLE)  # streamed
     s3 = vault_client(s3proxy, object_store_pki, mint)
     s3.put_object(Bucket="exports", Key="research/large.bin", Body=original)
-    direct = moto_server.client()
-    stored = direct.get_object(Bucket="exports", Key="research/large.bin")
-    tampered = bytearray(stored["Body"].read())
     bad_chunk = 10
-    tampered[bad_chunk * (CHUNK + 16) + 5] ^= 0x80
-    direct.put_object(
-        Bucket="exports",
-        Key="research/large.bin",
-        Body=bytes(tampered),
-        Metadata=stored["Metadata"],
-    )
+    flip_stored_bit(moto_server, "research/large.bin", lambda _: bad_chunk * (CHUNK + 16) + 5, 0x80)
     token = mint(roles=["radiologist"])
     received = bytearray()
     with (
