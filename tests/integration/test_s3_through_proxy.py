@@ -287,6 +287,69 @@ def test_unknown_subresources_are_denied(
     assert all(g["Grantee"].get("URI", "").find("AllUsers") < 0 for g in acl["Grants"])
 
 
+def test_multipart_upload_needs_sse_at_creation_and_then_streams_its_parts(
+    s3proxy: CasbProxy,
+    object_store_pki: TlsFiles,
+    mint: Mint,
+    buckets: None,
+    moto_tls_server: MotoServer,
+) -> None:
+    """boto3's managed upload (CreateMultipartUpload, UploadPart, CompleteMultipartUpload)
+    through the proxy, re-signed by it; the at-rest rule is checked at creation."""
+    s3 = s3_via_proxy(s3proxy, object_store_pki, mint(roles=["uploader"]), "images")
+    body = os.urandom(11 * 1024 * 1024)
+    config = TransferConfig(
+        multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024
+    )
+    with pytest.raises(ClientError) as caught:
+        s3.upload_fileobj(io.BytesIO(body), "scans", "multi/a.bin", Config=config)
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "x-amz-server-side-encryption" in caught.value.response["Error"]["Message"]
+    s3.upload_fileobj(
+        io.BytesIO(body),
+        "scans",
+        "multi/a.bin",
+        Config=config,
+        ExtraArgs={"ServerSideEncryption": "AES256"},
+    )
+    stored = moto_tls_server.client().get_object(Bucket="scans", Key="multi/a.bin")
+    assert stored["Body"].read() == body
+    assert stored["ServerSideEncryption"] == "AES256"
+    operations = [
+        r["object"]["operation"]
+        for r in s3proxy.audit_records()
+        if r["object"] and r["status"] == 200 and r["method"] in ("POST", "PUT")
+    ]
+    for op in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"):
+        assert op in operations
+
+
+def test_a_copy_is_also_a_read_of_its_source(
+    s3proxy: CasbProxy,
+    object_store_pki: TlsFiles,
+    mint: Mint,
+    buckets: None,
+    moto_tls_server: MotoServer,
+) -> None:
+    """`uploader` may store but not read: copying an object it cannot read into a key it
+    can write would launder the read."""
+    moto_tls_server.client().put_object(Bucket="scans", Key="secret/s.bin", Body=b"secret")
+    uploader = s3_via_proxy(s3proxy, object_store_pki, mint(roles=["uploader"]), "images")
+    copy = {"Bucket": "scans", "Key": "mine/s.bin", "ServerSideEncryption": "AES256"}
+    with pytest.raises(ClientError) as caught:
+        uploader.copy_object(CopySource={"Bucket": "scans", "Key": "secret/s.bin"}, **copy)
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "copy source" in caught.value.response["Error"]["Message"]
+    listed = moto_tls_server.client().list_objects_v2(Bucket="scans", Prefix="mine/")
+    assert listed.get("KeyCount", 0) == 0
+    # a technologist may read the source: the copy goes through (no DLP on a copy? the
+    # images-upload rule inspects uploads, and a copy cannot be inspected: refused)
+    tech = s3_via_proxy(s3proxy, object_store_pki, mint(roles=["technologist"]), "images")
+    with pytest.raises(ClientError) as refused:
+        tech.copy_object(CopySource={"Bucket": "scans", "Key": "secret/s.bin"}, **copy)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 415
+
+
 # -- browser POST uploads ------------------------------------------------------------------
 
 
