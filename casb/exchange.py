@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from casb.context import Action, Principal, Resource
 from casb.dlp.findings import Finding
 from casb.dlp.plan import DlpPlan
+from casb.encryption.envelope_ops import EnvelopeOp
 from casb.policy.decision import Decision
 from casb.routing import AwsCredentials
 
@@ -59,6 +60,7 @@ class Forward:
     operation: str = ""  # object stores: e.g. "PutObject", "GetBlob"
     aws: AwsCredentials | None = None  # sign the forwarded request (S3 SigV4)
     envelope: EnvelopeSpec | None = None  # encrypt the upload / decrypt the object
+    envelope_op: EnvelopeOp | None = None  # what the edge does with it (set by the pipeline)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ from casb.dlp.enforce import (
 from casb.dlp.findings import InstanceError
 from casb.dlp.plan import DlpPlan, DlpUnavailable
 from casb.encryption.envelope import EnvelopeError
-from casb.encryption.envelope_ops import EnvelopeOp, envelope_op
+from casb.encryption.envelope_ops import EnvelopeOp
 from casb.encryption.object_crypto import (
     DownloadPlan,
     EnvelopeRefused,
@@ -708,19 +708,9 @@ class CasbAddon:
         for name in ("accept-encoding",):  # the stored bytes, as stored
             req.headers.pop(name, None)
         try:
-            op = (
-                None
-                if fwd.envelope is None
-                else envelope_op(
-                    fwd.kind,
-                    fwd.operation,
-                    method=req.method.upper(),
-                    headers=headers,
-                    copy_in_destination=True,  # the pipeline checked the copy source
-                )
-            )
-            if isinstance(op, str):  # the pipeline refuses these; never forward them
-                raise EnvelopeRefused(501, "envelope_unsupported", op)
+            op = fwd.envelope_op  # decided by the pipeline (None: no envelope work)
+            if fwd.envelope is not None and op is None:  # never forward it unsealed
+                raise EnvelopeRefused(501, "envelope_unsupported", "no envelope decision")
             if fwd.operation == "PostObject":
                 if fwd.aws is not None:
                     raise EnvelopeRefused(

@@ -10,6 +10,7 @@ to IncomingRequest and outcomes to responses.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -93,13 +94,6 @@ def _object_target(segments: Sequence[str], query: Sequence[tuple[str, str]]) ->
     return f"{path}?{canonical_query(query)}" if query else path
 
 
-def _query_of(raw_target: str) -> tuple[tuple[str, str], ...]:
-    try:
-        return normalize_target(raw_target).query
-    except MalformedTarget:
-        return ()
-
-
 class _Refused(Exception):
     def __init__(self, refusal: Refusal, reason: str) -> None:
         super().__init__(reason)
@@ -160,8 +154,12 @@ class Pipeline:
             # The last record could not be written: forward nothing until one can be.
             reason = "the audit log cannot be written; request refused"
             raise _Refused(Refusal(503, "audit_unavailable", reason), reason)
-        tx.error_style = self._error_style(req)
-        target, tx.method = self.parse(req.method, req.target, req.headers)
+        try:
+            target, tx.method = self.parse(req.method, req.target, req.headers)
+        except _Refused:
+            tx.error_style = self._error_style(req, ())
+            raise
+        tx.error_style = self._error_style(req, target.segments)
         tx.principal = await self._authenticate(req, target.query)
         outcome = self.authorize(
             tx,
@@ -175,18 +173,14 @@ class Pipeline:
         )
         if not isinstance(outcome, Forward):
             return outcome
-        self._check_encryption(tx, outcome, req)
+        outcome = self._check_encryption(tx, outcome, req, target.query)
         if outcome.dlp is not None and outcome.kind == "dicomweb":
             _check_inspectable(outcome.dlp, req.headers)
         return outcome
 
-    def _error_style(self, req: IncomingRequest) -> str:
+    def _error_style(self, req: IncomingRequest, segments: tuple[str, ...]) -> str:
         """Object-store SDKs surface errors only in their own format: find the
         destination (without deciding anything) to answer in it."""
-        try:
-            segments = normalize_target(req.target, max_bytes=self._max_url).segments
-        except MalformedTarget:
-            segments = ()
         found = (
             self.router.reverse(segments)
             if req.mode == "reverse"
@@ -199,8 +193,15 @@ class Pipeline:
             return "s3"  # the GCS XML API answers errors as S3 does
         return _ERROR_STYLES.get(route.kind, "json")
 
-    def _check_encryption(self, tx: Transaction, fwd: Forward, req: IncomingRequest) -> None:
-        """Encryption in transit (every kind) and at rest (object stores)."""
+    def _check_encryption(
+        self,
+        tx: Transaction,
+        fwd: Forward,
+        req: IncomingRequest,
+        query: Sequence[tuple[str, str]],
+    ) -> Forward:
+        """Encryption in transit (every kind) and at rest (object stores). The Forward
+        comes back with the envelope work the edge does, if any."""
         assert tx.resource is not None and tx.action is not None
         found = self.router.by_name(tx.resource.destination)
         dest = found.destination
@@ -217,7 +218,7 @@ class Pipeline:
         if verdict.warning is not None:
             tx.warnings.append(verdict.warning)
         if fwd.kind == "dicomweb":
-            return
+            return fwd
         if tx.action == Action.STORE:
             exposed = public_access_refusal(fwd.kind, req.headers)
             if exposed is not None:
@@ -234,13 +235,13 @@ class Pipeline:
             )
             if isinstance(op, str):
                 raise _Refused(Refusal(501, "envelope_unsupported", op), op)
-            return  # the proxy encrypts: the store holds only ciphertext
+            # the proxy encrypts: the store holds only ciphertext
+            return dataclasses.replace(fwd, envelope_op=op)
         if tx.action == Action.STORE:
-            problem = check_at_rest(
-                fwd.kind, fwd.operation, req.headers, _query_of(req.target), dest.at_rest
-            )
+            problem = check_at_rest(fwd.kind, fwd.operation, req.headers, query, dest.at_rest)
             if problem is not None:
                 raise _Refused(Refusal(403, "encryption_required", problem), problem)
+        return fwd
 
     def parse(
         self, method: str, raw_target: str, headers: Sequence[tuple[str, str]]
