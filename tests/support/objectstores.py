@@ -18,7 +18,7 @@ import datetime as dt
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,15 @@ def direct_transport(verify: Path | None) -> RequestsTransport:
     )
 
 
-class MotoServer:
-    """moto's S3-compatible server on 127.0.0.1:<free port>, HTTP or HTTPS."""
+class _Server:
+    """A server process on 127.0.0.1:<free port>, HTTP or HTTPS: what moto and Azurite
+    share (start with readiness, log, stop, context manager)."""
+
+    name = ""
 
     def __init__(self, workdir: Path, *, tls: TlsPair | None = None, ca: Path | None = None):
         if tls is not None and ca is None:
-            raise ValueError("a TLS moto server needs the CA that issued its certificate")
+            raise ValueError(f"a TLS {self.name} needs the CA that issued its certificate")
         self.workdir = workdir
         self.tls = tls
         self.ca = ca
@@ -84,6 +87,33 @@ class MotoServer:
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
+
+    def _launch(self, argv: list[str], ready: Callable[[], bool]) -> None:
+        """Start `argv`, poll `ready` (a real client call) until the deadline; on
+        failure the process is stopped and the error carries its log."""
+        started = time.monotonic()
+        self.process = Process(argv, log_path=self.workdir / f"{self.name}.log", cwd=self.workdir)
+        try:
+            self.process.wait_until(ready, timeout=READY_TIMEOUT, what=self.name)
+        except BaseException:
+            self.process.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+
+    def log(self) -> str:
+        return self.process.log() if self.process else ""
+
+    def stop(self) -> int:
+        return self.process.stop() if self.process else 0
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MotoServer(_Server):
+    """moto's S3-compatible server on 127.0.0.1:<free port>, HTTP or HTTPS."""
+
+    name = "moto_server"
 
     def client(self, **kw: Any) -> Any:
         """A boto3 S3 client straight to moto (no proxy), verifying against the test CA
@@ -104,8 +134,6 @@ class MotoServer:
         argv = [*_moto_argv(), "-H", "127.0.0.1", "-p", str(self.port)]
         if self.tls is not None:
             argv += ["-c", str(self.tls[0]), "-k", str(self.tls[1])]
-        started = time.monotonic()
-        self.process = Process(argv, log_path=self.workdir / "moto.log", cwd=self.workdir)
         probe = self.client(
             config=Config(
                 proxies={},
@@ -123,48 +151,20 @@ class MotoServer:
                 return False
             return True
 
-        try:
-            self.process.wait_until(ready, timeout=READY_TIMEOUT, what="moto_server")
-        except BaseException:
-            self.process.stop()
-            raise
-        self.startup_seconds = time.monotonic() - started
+        self._launch(argv, ready)
         return self
-
-    def log(self) -> str:
-        return self.process.log() if self.process else ""
-
-    def stop(self) -> int:
-        return self.process.stop() if self.process else 0
 
     def __enter__(self) -> MotoServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
-
-class AzuriteServer:
+class AzuriteServer(_Server):
     """Azurite's blob service on 127.0.0.1:<free port>, HTTP or HTTPS, path-style
     account URLs (http://127.0.0.1:P/devstoreaccount1)."""
 
+    name = "azurite-blob"
     account_name = AZURITE_ACCOUNT
     account_key = AZURITE_KEY
-
-    def __init__(self, workdir: Path, *, tls: TlsPair | None = None, ca: Path | None = None):
-        if tls is not None and ca is None:
-            raise ValueError("a TLS Azurite needs the CA that issued its certificate")
-        self.workdir = workdir
-        self.tls = tls
-        self.ca = ca
-        self.port = free_port()
-        self.process: Process | None = None
-        self.startup_seconds = 0.0
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def account_url(self) -> str:
@@ -219,8 +219,6 @@ class AzuriteServer:
         ]
         if self.tls is not None:
             argv += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
-        started = time.monotonic()
-        self.process = Process(argv, log_path=self.workdir / "azurite.log", cwd=self.workdir)
         probe = self.service_client(retry_total=0)
 
         def ready() -> bool:
@@ -230,25 +228,11 @@ class AzuriteServer:
                 return False
             return True
 
-        try:
-            self.process.wait_until(ready, timeout=READY_TIMEOUT, what="azurite-blob")
-        except BaseException:
-            self.process.stop()
-            raise
-        self.startup_seconds = time.monotonic() - started
+        self._launch(argv, ready)
         return self
-
-    def log(self) -> str:
-        return self.process.log() if self.process else ""
-
-    def stop(self) -> int:
-        return self.process.stop() if self.process else 0
 
     def __enter__(self) -> AzuriteServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_moto(workdir: Path, *, tls: TlsPair | None = None, ca: Path | None = None) -> MotoServer:
