@@ -101,6 +101,7 @@ from upload_stream import (  # noqa: E402  (the discarding sink, memory sampling
     size_label,
 )
 
+from casb.audit.checkpoint import write_keypair  # noqa: E402
 from casb.encryption.envelope import (  # noqa: E402
     EnvelopeHeader,
     ciphertext_length,
@@ -380,6 +381,8 @@ def write_upload_config(
     }
     sealed = {**plain, "route": "/sealed", "envelope": {"keyring_file": str(keyring)}}
     audit = workdir / "audit.jsonl"
+    signing = workdir / "audit-signing.pem"  # production signs audit checkpoints
+    write_keypair(signing, workdir / "audit-signing.pub.pem")
     config = {
         "environment": "production",
         "state_dir": str(workdir),
@@ -389,7 +392,7 @@ def write_upload_config(
         "destinations": {"plain": plain, "sealed": sealed},
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_file": str(jwks)},
         "policy": {"paths": [str(policy)]},
-        "audit": {"path": str(audit)},
+        "audit": {"path": str(audit), "checkpoints": {"signing_key_file": str(signing)}},
     }
     path = workdir / "casb.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

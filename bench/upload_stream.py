@@ -103,6 +103,8 @@ from proxy_overhead import (  # noqa: E402
     text_table,
 )
 
+from casb.audit.checkpoint import write_keypair  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -659,6 +661,8 @@ def write_casb_config(
     workdir: Path, upstream: int, jwks_path: Path, policy: Path, max_body: int, port: int
 ) -> tuple[Path, Path]:
     audit = workdir / "audit.jsonl"
+    signing = workdir / "audit-signing.pem"  # production signs audit checkpoints
+    write_keypair(signing, workdir / "audit-signing.pub.pem")
     key = workdir / "dlp-uid.key"
     key.write_text("casb-bench-upload-uid-key-not-a-secret-0123456789\n")
     key.chmod(0o600)
@@ -678,7 +682,7 @@ def write_casb_config(
         },
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_file": str(jwks_path)},
         "policy": {"paths": [str(policy)]},
-        "audit": {"path": str(audit)},
+        "audit": {"path": str(audit), "checkpoints": {"signing_key_file": str(signing)}},
         "dlp": {"uid_key_file": str(key)},
         "limits": {"max_body_bytes": max_body},
     }

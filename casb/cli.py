@@ -7,7 +7,9 @@
     casb policy test         run policy test cases (like `opa test`)
     casb policy schema       print the policy JSON Schema
     casb token mint          mint a dev token (dev signing key only)
-    casb audit verify        check an audit log's hash chain
+    casb audit verify        check an audit log's hash chain and signed checkpoints
+    casb audit keygen        new key pair for signing audit checkpoints
+    casb audit export        export the audit trail (JSONL or ATNA syslog)
     casb dlp scan|deid       DICOM header DLP on files
     casb envelope keygen     new keyring of key-encryption keys (envelope encryption)
     casb envelope rotate     add a key-encryption key and make it the primary
@@ -159,27 +161,6 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- audit ----------------------------------------------------------------------------
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from casb.audit import verify_lines
-
-    try:
-        with open(args.file, "rb") as fh:
-            report = verify_lines(fh)
-    except OSError as exc:
-        raise UsageError(f"{args.file}: {exc.strerror}") from None
-    if args.json:
-        print(json.dumps(report.to_json()))
-    elif report.ok:
-        print(f"OK: {report.records} records, hash chain intact")
-    else:
-        print(
-            f"TAMPERED: line {report.first_bad_line}: {report.problem} "
-            f"({report.records} records before it verified)"
-        )
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
 # -- parser ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -283,18 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     p.set_defaults(func=cmd_token_mint)
 
-    audit = sub.add_parser("audit", help="audit log tools", description="Audit log tools.")
-    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
-    p = asub.add_parser(
-        "verify",
-        help="check an audit log's hash chain",
-        description="Verify the hash chain of a JSONL audit log; exit 1 and "
-        "name the first bad line if it was edited, cut or "
-        "reordered.",
-    )
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_audit_verify)
+    from casb.audit.cli import add_audit_commands
+
+    add_audit_commands(sub)
 
     from casb.dlp.cli import add_dlp_commands
 

@@ -320,8 +320,59 @@ class PolicySettings(_Model):
     paths: list[Path] = [Path("policies/hospital.yaml")]
 
 
+class CheckpointSettings(_Model):
+    # Ed25519 private key (PKCS#8 PEM) that signs audit checkpoints. Production needs one
+    # (`casb audit keygen` writes a pair); dev generates one under state_dir.
+    signing_key_file: Path | None = None
+    # A signed checkpoint is appended after this many records, or this many seconds
+    # after the first record it does not cover yet, whichever comes first; and at shutdown.
+    every_records: int = Field(1000, ge=1, le=1_000_000)
+    every_seconds: float = Field(60.0, gt=0, le=86400)
+
+
+class SyslogSink(_Model):
+    """A live copy of the audit trail to a syslog collector (RFC 5424 over TCP or TLS,
+    octet-counted framing per RFC 6587). The local audit log is the spool: what the
+    collector has not taken is sent again, in order, when it is back."""
+
+    host: str
+    port: int = Field(6514, ge=1, le=65535)
+    transport: Literal["tls", "tcp"] = "tls"
+    format: Literal["atna", "jsonl"] = "atna"
+    ca_bundle: Path | None = None  # TLS: the CAs the collector's certificate must chain to
+    client_cert_file: Path | None = None  # TLS: mutual authentication
+    client_key_file: Path | None = None
+    # Where delivery progress is kept (default: the audit log's path + ".syslog-cursor").
+    cursor_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SyslogSink:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("set both client_cert_file and client_key_file, or neither")
+        if self.transport == "tcp" and (
+            self.ca_bundle is not None or self.client_cert_file is not None
+        ):
+            raise ValueError("ca_bundle and client certificates need transport: tls")
+        return self
+
+
 class AuditSettings(_Model):
     path: Path = Path(".casb/audit.jsonl")
+    # fdatasync(2) after every record: survives a power cut, costs a disk flush per
+    # request. Without it a record is in the kernel (survives a proxy crash) before the
+    # response completes.
+    fsync: bool = False
+    # Names this proxy in exported and syslog audit messages (ATNA AuditSourceID).
+    source_id: str = Field("casb", pattern=r"^[\x21-\x7e]{1,64}$")
+    checkpoints: CheckpointSettings = CheckpointSettings()
+    syslog: SyslogSink | None = None
+
+
+class TelemetrySettings(_Model):
+    # Spans carry the principal as a keyed pseudonym (HMAC-SHA256 of the subject), never
+    # the subject. Without a key (production) the attribute is left out; dev generates one.
+    pseudonym_key_file: Path | None = None
+    pseudonym_key_env: str | None = None
 
 
 class AdminSettings(_Model):
@@ -374,6 +425,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     limits: LimitSettings = LimitSettings()
     dlp: DlpConfig = DlpConfig()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -443,7 +495,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
     fix(data, "state_dir")
     fix(data.get("identity"), "jwks_file")
-    fix(data.get("audit"), "path")
+    audit = data.get("audit")
+    fix(audit, "path")
+    if isinstance(audit, dict):
+        fix(audit.get("checkpoints"), "signing_key_file")
+        for key in ("ca_bundle", "client_cert_file", "client_key_file", "cursor_file"):
+            fix(audit.get("syslog"), key)
+    fix(data.get("telemetry"), "pseudonym_key_file")
     fix(data.get("dlp"), "uid_key_file")
     for lst in data.get("listeners") or []:
         if isinstance(lst, dict):

@@ -19,6 +19,7 @@ from casb.routing import AwsCredentials
 
 if TYPE_CHECKING:
     from casb.encryption.keyring import KeyEncryptionKeys
+    from casb.telemetry import RequestTrace
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class Transaction:
     error_style: str = "json"
     warnings: list[str] = field(default_factory=list)  # audited, e.g. plaintext_upstream
     envelope: str | None = None  # audited: "encrypted" / "decrypted" / why it failed
+    trace: RequestTrace | None = None  # its spans (casb.telemetry), when tracing
 
     @property
     def allowed(self) -> bool:

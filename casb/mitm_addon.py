@@ -67,6 +67,7 @@ from casb.pipeline import new_transaction
 from casb.policy import PolicyLoadError
 from casb.responses import REQUEST_ID_HEADER, error_body, error_headers
 from casb.runtime import Runtime
+from casb.telemetry import Telemetry
 
 log = logging.getLogger("casb")
 _META = "casb"
@@ -651,6 +652,14 @@ class CasbAddon:
             _respond(flow, tx)
             return
         _rewrite(req, tx.outcome)
+        fwd = tx.outcome
+        traceparent = self.runtime.pipeline.telemetry.upstream_started(
+            tx, fwd.host, fwd.port, fwd.scheme
+        )
+        if traceparent is not None:
+            # the upstream call continues our trace (before any request signing)
+            req.headers["traceparent"] = traceparent
+            req.headers.pop("tracestate", None)
         if tx.outcome.kind != "dicomweb":
             self._object_request(flow, tx, tx.outcome)
         else:
@@ -963,6 +972,8 @@ class CasbAddon:
         flow.response.headers[REQUEST_ID_HEADER] = tx.request_id
         if not tx.allowed:
             return
+        assert self.runtime is not None
+        self.runtime.pipeline.telemetry.upstream_finished(tx, flow.response.status_code)
         assert isinstance(tx.outcome, Forward)
         if self._envelope_response(flow, tx):
             return
@@ -1233,6 +1244,7 @@ def _refuse(
         flow.metadata[_ERROR] = refusal.code
     else:
         tx.outcome = refusal
+        Telemetry.upstream_cancelled(tx)
     flow.response = _make_response(refusal, tx.request_id, tx.error_style)
 
 

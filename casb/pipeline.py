@@ -11,10 +11,12 @@ to IncomingRequest and outcomes to responses.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from casb.audit import AuditError, AuditLog
 from casb.audit.record import build_record
@@ -49,7 +51,12 @@ from casb.policy import CompiledPolicy
 from casb.policy.decision import Decision
 from casb.policy.loader import DLP_OBLIGATIONS
 from casb.routing import Route, Router
+from casb.telemetry import Telemetry
 
+if TYPE_CHECKING:
+    from casb.dlp.inspector import Inspector
+
+log = logging.getLogger("casb")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 # Obligations the enforcement side can carry out. A decision that carries any other
 # obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
@@ -112,8 +119,13 @@ class Pipeline:
         audit: AuditLog | None,
         uid_key: bytes | None = None,
         envelopes: dict[str, EnvelopeSpec] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.verifier = verifier
+        self.telemetry = telemetry or Telemetry()  # no exporters: every call a no-op
+        self._pending_events: list[tuple[str, dict[str, Any]]] = []  # audit_event()
+        # Called after each audit record is written (the syslog forwarder's notify).
+        self.audit_written: Callable[[], None] | None = None
         self.policy = policy  # replaced atomically on reload
         self.router = router
         self.audit = audit
@@ -146,7 +158,20 @@ class Pipeline:
     async def decide(self, req: IncomingRequest) -> Transaction:
         tx = new_transaction(req.method, req.client_ip)
         tx.trace_id = _trace_id(req.headers)
+        # tracing: our trace id (the client's, continued); the scheme of the client's leg
+        self.telemetry.begin(tx, req.headers, "https" if req.client_tls else "http")
         await run_checks(tx, self._decide(req, tx))
+        outcome = tx.outcome
+        if isinstance(outcome, Forward) and outcome.dlp is not None and tx.trace is not None:
+            name = "casb.dlp" if outcome.dlp.direction == "request" else "casb.dlp.response"
+            telemetry = self.telemetry
+
+            def wrap(inspector: Inspector) -> Inspector:
+                return telemetry.traced_inspector(tx, inspector, name)
+
+            tx.outcome = dataclasses.replace(
+                outcome, dlp=dataclasses.replace(outcome.dlp, wrap=wrap)
+            )
         return tx
 
     async def _decide(self, req: IncomingRequest, tx: Transaction) -> Forward | Refusal:
@@ -160,7 +185,8 @@ class Pipeline:
             tx.error_style = self._error_style(req, ())
             raise
         tx.error_style = self._error_style(req, target.segments)
-        tx.principal = await self._authenticate(req, target.query)
+        with self.telemetry.step(tx, "casb.identity"):
+            tx.principal = await self._authenticate(req, target.query)
         outcome = self.authorize(
             tx,
             target,
@@ -173,7 +199,8 @@ class Pipeline:
         )
         if not isinstance(outcome, Forward):
             return outcome
-        outcome = self._check_encryption(tx, outcome, req, target.query)
+        with self.telemetry.step(tx, "casb.encryption"):
+            outcome = self._check_encryption(tx, outcome, req, target.query)
         if outcome.dlp is not None and outcome.kind == "dicomweb":
             _check_inspectable(outcome.dlp, req.headers)
         return outcome
@@ -267,41 +294,45 @@ class Pipeline:
     ) -> Forward | Refusal:
         """Route, classify and decide for tx.principal. Pure apart from reading config."""
         assert tx.principal is not None
-        found = (
-            self.router.reverse(target.segments)
-            if mode == "reverse"
-            else self.router.forward(scheme, host, port, target.segments)
-        )
-        if found is None:
-            reason = "no destination is configured for this URL"
-            raise _Refused(Refusal(403, "unknown_destination", reason), reason)
-        route, rest = found
-
-        host_bucket = route.host_bucket(host_header if mode == "reverse" else host)
-        classification = self._classify(route, tx.method, rest, target.query, headers, host_bucket)
-        tx.action, tx.resource = classification.action, classification.resource
-        facts = RequestFacts(time=tx.time, method=tx.method, client_ip=tx.client_ip)
-        decision = self.policy.decide(
-            tx.principal, classification.action, classification.resource, facts
-        )
-        tx.decision = decision
-        if not decision.allow:
-            return _denial(decision.step_up, decision.reasons)
-        source = classification.resource.copy_source
-        if source is not None:
-            # A copy reads its source with the proxy's credentials: the caller must be
-            # allowed to retrieve it, or a copy would launder a read.
-            src = Resource(
-                destination=route.name,
-                route="/{bucket}/{key}",
-                bucket=source[0],
-                key=source[1],
-                operation="CopySource",
+        with self.telemetry.step(tx, "casb.classify"):
+            found = (
+                self.router.reverse(target.segments)
+                if mode == "reverse"
+                else self.router.forward(scheme, host, port, target.segments)
             )
-            src_decision = self.policy.decide(tx.principal, Action.RETRIEVE, src, facts)
-            if not src_decision.allow:
-                reasons = [f"copy source: {r}" for r in src_decision.reasons]
-                return _denial(src_decision.step_up, reasons or ["copy source: denied"])
+            if found is None:
+                reason = "no destination is configured for this URL"
+                raise _Refused(Refusal(403, "unknown_destination", reason), reason)
+            route, rest = found
+
+            host_bucket = route.host_bucket(host_header if mode == "reverse" else host)
+            classification = self._classify(
+                route, tx.method, rest, target.query, headers, host_bucket
+            )
+            tx.action, tx.resource = classification.action, classification.resource
+        with self.telemetry.step(tx, "casb.policy"):
+            facts = RequestFacts(time=tx.time, method=tx.method, client_ip=tx.client_ip)
+            decision = self.policy.decide(
+                tx.principal, classification.action, classification.resource, facts
+            )
+            tx.decision = decision
+            if not decision.allow:
+                return _denial(decision.step_up, decision.reasons)
+            source = classification.resource.copy_source
+            if source is not None:
+                # A copy reads its source with the proxy's credentials: the caller must be
+                # allowed to retrieve it, or a copy would launder a read.
+                src = Resource(
+                    destination=route.name,
+                    route="/{bucket}/{key}",
+                    bucket=source[0],
+                    key=source[1],
+                    operation="CopySource",
+                )
+                src_decision = self.policy.decide(tx.principal, Action.RETRIEVE, src, facts)
+                if not src_decision.allow:
+                    reasons = [f"copy source: {r}" for r in src_decision.reasons]
+                    return _denial(src_decision.step_up, reasons or ["copy source: denied"])
         missing = sorted(set(decision.obligations) - ENFORCEABLE_OBLIGATIONS)
         if missing:
             # The policy allows only on a condition this proxy cannot meet: refuse rather
@@ -436,9 +467,33 @@ class Pipeline:
     def refuse_connect(self, method: str, client_ip: str) -> Transaction:
         """Forward mode: a CONNECT to a host that no destination names."""
         tx = new_transaction(method, client_ip)
+        self.telemetry.begin(tx, (), "http")  # a CONNECT request itself is plaintext
         reason = "no destination is configured for this host"
         tx.outcome, tx.reasons = Refusal(403, "unknown_destination", reason), (reason,)
         return tx
+
+    def audit_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """An audit record that is not a request (e.g. a policy change). If it cannot be
+        written now it is kept and written before the next request's record: the log is
+        unhealthy meanwhile, so requests are refused, and nothing is lost."""
+        self._pending_events.append((kind, fields))
+        try:
+            self._write_pending_events()
+        except AuditError as exc:
+            # a warning: an error at start-up would make mitmdump exit; requests are
+            # refused (503 audit_unavailable) and /readyz fails until a write succeeds
+            log.warning("audit record %s not written yet: %s", kind, exc)
+
+    def _write_pending_events(self) -> None:
+        if self.audit is None:
+            raise AuditError("this pipeline was built without an audit log")
+        while self._pending_events:
+            kind, fields = self._pending_events[0]
+            self.audit.append_event(kind, fields)
+            self._pending_events.pop(0)
+            self.telemetry.audit_record(kind)
+            if self.audit_written is not None:
+                self.audit_written()
 
     def finish(
         self,
@@ -455,16 +510,23 @@ class Pipeline:
         if self.audit is None:
             raise AuditError("this pipeline was built without an audit log")
         tx.finished = True
-        self.audit.append(
-            build_record(
-                tx,
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                error=error,
-                policy_version=self.policy.version,
-            )
+        record = build_record(
+            tx,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            error=error,
+            policy_version=self.policy.version,
         )
+        try:
+            self._write_pending_events()
+            self.audit.append(record)
+        except AuditError:
+            self.telemetry.finished(tx, record, audited=False)
+            raise
+        self.telemetry.finished(tx, record, audited=True)
+        if self.audit_written is not None:
+            self.audit_written()
 
 
 def new_transaction(method: str, client_ip: str = "", at: datetime | None = None) -> Transaction:

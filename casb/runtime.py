@@ -6,9 +6,18 @@ The mitmproxy addon, the admin API and the CLI all build their parts through `Ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
 
-from casb.audit import AuditLog
+from casb.audit import AuditError, AuditLog
+from casb.audit.checkpoint import signer_from_settings
+from casb.audit.forwarder import AuditForwarder, ForwarderError
+from casb.audit.syslog import rfc5424_message
 from casb.config import ConfigError, IdentitySettings, Settings
 from casb.dlp.uid_key import load_uid_key
 from casb.encryption.keyring import KeyringError, WatchedKeyring
@@ -18,6 +27,9 @@ from casb.identity.devkeys import dev_identity_settings, ensure_dev_keys
 from casb.pipeline import Pipeline
 from casb.policy import CompiledPolicy, load_policy
 from casb.routing import Router
+from casb.telemetry import Telemetry, TelemetryError, load_pseudonym_key
+
+log = logging.getLogger("casb")
 
 
 def effective_settings(settings: Settings) -> Settings:
@@ -49,10 +61,88 @@ def load_envelopes(settings: Settings) -> dict[str, EnvelopeSpec]:
     return found
 
 
+def build_telemetry(settings: Settings) -> Telemetry:
+    """Exporters from the OTEL_* environment; the principal pseudonym key from settings."""
+    t = settings.telemetry
+    try:
+        key = load_pseudonym_key(
+            t.pseudonym_key_file,
+            t.pseudonym_key_env,
+            dev_state_dir=settings.state_dir if settings.environment == "dev" else None,
+        )
+        telemetry = Telemetry.from_env(
+            pseudonym_key=key,
+            route_prefixes={name: settings.route_of(name) for name in settings.destinations},
+        )
+    except TelemetryError as exc:
+        raise ConfigError(str(exc)) from exc
+    telemetry.policy_loaded(ok=True)
+    return telemetry
+
+
+def open_audit_log(settings: Settings) -> AuditLog:
+    """The proxy's audit log, with the checkpoint signer (production needs its key)."""
+    c = settings.audit.checkpoints
+    return AuditLog(
+        settings.audit.path,
+        signer=signer_from_settings(settings),
+        every_records=c.every_records,
+        every_seconds=c.every_seconds,
+        fsync=settings.audit.fsync,
+    )
+
+
+def policy_record(pipeline: Pipeline, settings: Settings, event: str) -> dict[str, Any]:
+    """The fields of a policy_change audit record: which policy the proxy enforces now."""
+    policy = pipeline.policy
+    return {
+        "event": event,
+        "policy_version": policy.version,
+        "rules": policy.rule_count,
+        "files": sorted(p.name for p in settings.policy.paths),
+    }
+
+
+def build_forwarder(settings: Settings) -> AuditForwarder | None:
+    """The live syslog copy of the audit log (audit.syslog), not started yet."""
+    sink = settings.audit.syslog
+    if sink is None:
+        return None
+    formatter = functools.partial(
+        rfc5424_message,
+        fmt=sink.format,
+        source_id=settings.audit.source_id,
+        hostname=socket.gethostname() or "-",
+    )
+    try:
+        return AuditForwarder(sink, settings.audit.path, formatter)
+    except ForwarderError as exc:
+        raise ConfigError(f"audit.syslog: {exc}") from exc
+
+
+async def _checkpoint_timer(pipeline: Pipeline) -> None:
+    """Sign a checkpoint once `every_seconds` have passed over uncovered records. A
+    failure leaves the log unhealthy: requests are refused until a write succeeds."""
+    while True:
+        await asyncio.sleep(1.0)
+        audit = pipeline.audit
+        if audit is None:
+            return
+        try:
+            if audit.maybe_checkpoint():
+                pipeline.telemetry.audit_record("checkpoint")
+                if pipeline.audit_written is not None:
+                    pipeline.audit_written()
+        except AuditError as exc:
+            log.error("audit checkpoint failed: %s", exc)
+
+
 @dataclass
 class Runtime:
     settings: Settings
     pipeline: Pipeline
+    forwarder: AuditForwarder | None = None  # the live syslog copy, when configured
+    _checkpoints: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, *, audit: bool = True) -> Runtime:
@@ -64,6 +154,8 @@ class Runtime:
         router = Router(settings)
         verifier: TokenVerifier = build_verifier(settings.identity)
         uid_key = load_uid_key(settings)
+        # Exporters only for the proxy: tools that only decide send no telemetry.
+        telemetry = build_telemetry(settings) if audit else Telemetry()
         pipeline = Pipeline(
             settings,
             verifier=verifier,
@@ -72,6 +164,7 @@ class Runtime:
             audit=None,
             uid_key=uid_key,
             envelopes=load_envelopes(settings),
+            telemetry=telemetry,
         )
         if audit:  # the proxy: refuse to start with DLP profiles it could not run
             missing = pipeline.inspectors().missing_key_profiles()
@@ -83,18 +176,41 @@ class Runtime:
             inspectors = pipeline.inspectors()
             for name in inspectors.settings.profiles:  # built now, not on a first request
                 inspectors.inspector(name)
-            pipeline.audit = AuditLog(settings.audit.path)
+            pipeline.audit = open_audit_log(settings)
+            forwarder = build_forwarder(settings)
+            if forwarder is not None:
+                pipeline.audit_written = forwarder.notify
+            pipeline.audit_event("policy_change", policy_record(pipeline, settings, "loaded"))
+            return cls(settings=settings, pipeline=pipeline, forwarder=forwarder)
         return cls(settings=settings, pipeline=pipeline)
 
     async def start(self) -> None:
         await self.pipeline.verifier.start()
+        if self.pipeline.audit is not None and self._checkpoints is None:
+            self._checkpoints = asyncio.create_task(_checkpoint_timer(self.pipeline))
+        if self.forwarder is not None and not self.forwarder.running:
+            self.forwarder.start()
 
     def discard(self) -> None:
         """Release what build() took (the audit log lock) without having started."""
-        if self.pipeline.audit is not None:
-            self.pipeline.audit.close()
+        audit, self.pipeline.audit = self.pipeline.audit, None
+        try:
+            if audit is not None:
+                audit.close()  # a final signed checkpoint over what is not yet covered
+        except AuditError as exc:  # the file is closed regardless
+            log.error("audit log closed without its final checkpoint: %s", exc)
+        finally:
+            if self.forwarder is not None:
+                # what the collector has not confirmed is sent again at the next start
+                self.forwarder.stop(timeout=5.0)
+            self.pipeline.telemetry.shutdown()  # flushes spans and metrics not yet exported
 
     async def aclose(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
         await self.pipeline.verifier.aclose()
         self.discard()
 

@@ -57,7 +57,7 @@ def mitmproxy_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def banner(settings: Settings, admin: bool) -> str:
+def banner(settings: Settings, admin: bool, telemetry: str = "") -> str:
     lines = [
         "casb is running"
         + (
@@ -78,6 +78,13 @@ def banner(settings: Settings, admin: bool) -> str:
             "(/healthz, /readyz, /v1/policy/simulate)"
         )
     lines.append(f"  audit log: {settings.audit.path}")
+    if settings.audit.syslog is not None:
+        sink = settings.audit.syslog
+        lines.append(
+            f"  audit copy: syslog {sink.transport}://{sink.host}:{sink.port} ({sink.format})"
+        )
+    if telemetry:
+        lines.append(f"  telemetry: {telemetry} (OTEL_* variables)")
     if settings.environment == "dev":
         rev = next((lst for lst in settings.listeners if lst.mode == "reverse"), None)
         name = next(iter(settings.destinations))
@@ -117,7 +124,7 @@ async def serve(settings: Settings, *, admin: bool) -> None:
             )
         )
         admin_task = asyncio.create_task(admin_server.serve())
-    print(banner(settings, admin), flush=True)
+    print(banner(settings, admin, runtime.pipeline.telemetry.describe()), flush=True)
     try:
         await master.run()
     finally:

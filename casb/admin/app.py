@@ -2,7 +2,7 @@
 token whose principal holds one of `admin.roles`.
 
     GET  /healthz             liveness: the process serves HTTP
-    GET  /readyz              readiness: signing keys loaded, policy compiled
+    GET  /readyz              readiness: signing keys loaded, policy compiled, audit writable
     POST /v1/policy/simulate  what the proxy would decide (same JSON as `casb policy explain`)
 """
 
@@ -65,13 +65,27 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = {"signing_keys": pipeline.verifier.ready, "policy": True}
-        body = {
+        audit = pipeline.audit
+        checks = {
+            "signing_keys": pipeline.verifier.ready,
+            "policy": True,
+            # the last audit write failed: requests are refused until one succeeds
+            "audit": audit is not None and audit.healthy,
+        }
+        body: dict[str, Any] = {
             "status": "ready" if all(checks.values()) else "not_ready",
             "checks": checks,
             "policy_version": pipeline.policy.version,
             "rules": pipeline.policy.rule_count,
         }
+        if runtime.forwarder is not None:
+            # not a readiness condition: the local audit log is the spool
+            fwd = runtime.forwarder
+            body["audit_syslog"] = {
+                "connected": fwd.connected,
+                "lag": fwd.lag,
+                "last_error": fwd.last_error,
+            }
         return JSONResponse(body, status_code=200 if all(checks.values()) else 503)
 
     @app.post("/v1/policy/simulate")

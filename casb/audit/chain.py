@@ -3,18 +3,22 @@
 hash = sha256(canonical JSON of the record without its "hash" field), where the record
 includes "seq" (1, 2, 3, ...) and "prev_hash" (the previous record's hash; 64 zeros for
 the first). Editing a record breaks its hash; deleting or reordering records breaks the
-seq/prev_hash links. Pure functions: the sink and `casb audit verify` share them.
+seq/prev_hash links. Pure functions: the writer (log.py) and the verifier
+(checkpoint.verify_log) share them.
+
+The chain alone does not stop someone who rewrites the whole file and recomputes every
+hash; signed checkpoints (checkpoint.py) do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 GENESIS_HASH = "0" * 64
+# Fields the chain owns: a caller's record must not carry them.
+CHAIN_FIELDS = frozenset({"seq", "prev_hash", "hash"})
 
 
 def canonical_json(record: dict[str, Any]) -> bytes:
@@ -37,52 +41,36 @@ def sealed_line(record: dict[str, Any], seq: int, prev_hash: str) -> tuple[bytes
     return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
-@dataclass(frozen=True, slots=True)
-class ChainReport:
-    ok: bool
-    records: int  # records checked (all of them when ok)
-    first_bad_line: int | None = None  # 1-based line number in the file
-    problem: str = ""
+def read_entry(raw: bytes, seq: int, prev_hash: str) -> tuple[dict[str, Any] | None, str]:
+    """Parse one JSONL line as chain entry `seq` following `prev_hash`.
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "records": self.records,
-            "first_bad_line": self.first_bad_line,
-            "problem": self.problem,
-        }
-
-
-def verify_lines(lines: Iterable[bytes]) -> ChainReport:
-    """Check a JSONL audit log. Reports the first line that is not a valid continuation."""
-    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            return ChainReport(False, count, lineno, "empty line")
-        try:
-            record = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return ChainReport(False, count, lineno, "not valid JSON (truncated or edited)")
-        if not isinstance(record, dict):
-            return ChainReport(False, count, lineno, "not a JSON object")
-        if record.get("hash") != record_hash(record):
-            return ChainReport(False, count, lineno, "hash mismatch: the record was edited")
-        seq = record.get("seq")
-        if seq != expected_seq:
-            return ChainReport(
-                False,
-                count,
-                lineno,
-                f"sequence {seq!r} where {expected_seq} was expected: "
-                "records were deleted, inserted or reordered",
-            )
-        if record.get("prev_hash") != prev_hash:
-            return ChainReport(
-                False,
-                count,
-                lineno,
-                "prev_hash does not match the previous record: "
-                "records were deleted, inserted or reordered",
-            )
-        prev_hash, expected_seq, count = record["hash"], expected_seq + 1, count + 1
-    return ChainReport(True, count)
+    Returns (record, "") when the line is that entry, else (None, the problem). Says
+    nothing about what the record means: checkpoints are checked by the caller.
+    """
+    if not raw.endswith(b"\n"):
+        return None, "truncated: no newline at the end of the line (a write was cut short)"
+    if not raw.strip():
+        return None, "empty line"
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, "not valid JSON (truncated or edited)"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    try:
+        digest = record_hash(record)
+    except ValueError:  # NaN or infinity: canonical JSON refuses them, the writer never wrote one
+        return None, "not canonical JSON (edited)"
+    if record.get("hash") != digest:
+        return None, "hash mismatch: the record was edited"
+    if record.get("seq") != seq:
+        return None, (
+            f"sequence {record.get('seq')!r} where {seq} was expected: "
+            "records were deleted, inserted or reordered"
+        )
+    if record.get("prev_hash") != prev_hash:
+        return None, (
+            "prev_hash does not match the previous record: "
+            "records were deleted, inserted or reordered"
+        )
+    return record, ""

@@ -39,6 +39,7 @@ def build_record(
     else:
         rule_id, reasons, obligations = None, list(tx.reasons), {}
     return {
+        "type": "request",
         "time": tx.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "request_id": tx.request_id,
         "trace_id": tx.trace_id,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from casb.config import DlpConfig
@@ -115,6 +115,8 @@ class DlpPlan:
     direction: Literal["request", "response"]
     profile: str
     inspectors: DlpInspectors
+    # Wraps the inspector for one request (telemetry: a span per inspected instance).
+    wrap: Callable[[Inspector], Inspector] | None = field(default=None, compare=False)
 
     @property
     def max_header_bytes(self) -> int:
@@ -129,7 +131,8 @@ class DlpPlan:
         return self.inspectors.config.max_object_bytes
 
     def inspector(self) -> Inspector:
-        return self.inspectors.inspector(self.profile)
+        found = self.inspectors.inspector(self.profile)
+        return found if self.wrap is None else self.wrap(found)
 
 
 def _tags_of(key: str) -> list[int | None]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.jwks_server import JwksServer, TestKey
+from tests.support.audit_keys import audit_settings
 from tests.support.orthanc import Orthanc
 from tests.support.proxy import REPO, CasbProxy
 
@@ -82,7 +83,7 @@ def casb_config(
         },
         "identity": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": jwks_url},
         "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
-        "audit": {"path": str(workdir / "audit.jsonl")},
+        "audit": audit_settings(workdir),
         "dlp": {"uid_key_file": str(uid_key)},
         **extra,
     }

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 
 from tests.integration.conftest import Mint, casb_config
 from tests.jwks_server import JwksServer
+from tests.support.audit_keys import public_key
 from tests.support.orthanc import Orthanc
 from tests.support.proxy import CasbProxy
 
@@ -268,8 +269,10 @@ def test_every_request_is_audited_and_the_chain_verifies(
         r = httpx.get(f"{px.url}/pacs/studies?PatientName={sentinel}")  # 6 deny (401)
         assert r.status_code == 401
         records = px.audit_records()
-        on_file = len(px.audit_records(include_probes=True))  # + start()'s readiness probe
         log = px.log()
+    # every line: start()'s readiness probe, the policy loaded, the final checkpoint
+    on_file = len(px.audit_records(all_types=True))
+    assert [r["type"] for r in px.audit_records(all_types=True)][-1] == "checkpoint"
 
     assert [r["status"] for r in records] == [200, 200, 200, 403, 401, 401]
     assert [r["decision"] for r in records] == ["allow"] * 3 + ["deny"] * 3
@@ -292,17 +295,19 @@ def test_every_request_is_audited_and_the_chain_verifies(
     assert sentinel not in audit_text and ds.PatientID not in audit_text
     assert sentinel not in log and ds.PatientID not in log
 
+    key = ["--public-key", str(public_key(tmp_path))]
     ok = subprocess.run(
-        [str(CASB), "audit", "verify", str(tmp_path / "audit.jsonl")],
+        [str(CASB), "audit", "verify", *key, str(tmp_path / "audit.jsonl")],
         capture_output=True,
         text=True,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert f"OK: {on_file} records" in ok.stdout
+    assert "1 signed checkpoint(s) verified" in ok.stdout
 
     lines = (tmp_path / "audit.jsonl").read_text().splitlines(keepends=True)
     edited = list(lines)
-    deny_at = next(i for i, line in enumerate(lines) if json.loads(line)["status"] == 403)
+    deny_at = next(i for i, line in enumerate(lines) if json.loads(line).get("status") == 403)
     rec = json.loads(edited[deny_at])
     rec["decision"] = "allow"  # someone hides a refused upload attempt
     edited[deny_at] = json.dumps(rec) + "\n"
@@ -313,9 +318,36 @@ def test_every_request_is_audited_and_the_chain_verifies(
     ):
         f = tmp_path / f"{name}.jsonl"
         f.write_text("".join(tampered))
-        res = subprocess.run([str(CASB), "audit", "verify", str(f)], capture_output=True, text=True)
+        res = subprocess.run(
+            [str(CASB), "audit", "verify", *key, str(f)], capture_output=True, text=True
+        )
         assert res.returncode == 1, name
         assert f"line {bad_line}" in res.stdout, (name, res.stdout)
+    # A forger who recomputes the whole chain after the edit passes the hash chain
+    # check, not the signed checkpoint (they do not hold the signing key).
+    rechained = tmp_path / "rechained.jsonl"
+    rechained.write_text("".join(_rechain(edited)))
+    res = subprocess.run(
+        [str(CASB), "audit", "verify", *key, str(rechained)], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "TAMPERED" in res.stdout, res.stdout
+    assert "signature" in res.stdout, res.stdout
+
+
+def _rechain(lines: list[str]) -> list[str]:
+    """The lines with seq/prev_hash/hash recomputed, as a forger would."""
+    from casb.audit.chain import GENESIS_HASH, sealed_line
+
+    out, prev = [], GENESIS_HASH
+    for seq, line in enumerate(lines, start=1):
+        rec = json.loads(line)
+        for k in ("seq", "prev_hash", "hash"):
+            rec.pop(k)
+        if rec["type"] == "checkpoint":  # made consistent too: only its signature fails
+            rec["checkpoint"].update(covers_seq=seq - 1, head_hash=prev)
+        sealed, prev = sealed_line(rec, seq, prev)
+        out.append(sealed.decode())
+    return out
 
 
 def test_large_responses_stream_and_are_audited_before_they_complete(
@@ -360,7 +392,7 @@ def test_an_unwritable_audit_log_refuses_everything(
     the PACS while no audit record can be written."""
 
     config = casb_config(tmp_path, jwks.url, orthanc.dicomweb_url)
-    config["audit"] = {"path": "/dev/full"}
+    config["audit"] = {**config["audit"], "path": "/dev/full"}
     ds = fresh_instance()
     with CasbProxy(tmp_path, config) as px:
         token = mint("rad9", ["radiologist"])

@@ -47,12 +47,18 @@ class CasbProxy:
     def ca_cert(self) -> Path:
         return self.workdir / "mitmproxy" / "mitmproxy-ca-cert.pem"
 
-    def audit_records(self, *, include_probes: bool = False) -> list[dict[str, Any]]:
-        """Audit records, without those of the readiness probes start() sent."""
+    def audit_records(
+        self, *, include_probes: bool = False, all_types: bool = False
+    ) -> list[dict[str, Any]]:
+        """The request records, without those of the readiness probes start() sent;
+        with `all_types`, every line (policy changes and signed checkpoints too)."""
         if not self.audit_path.is_file():  # e.g. /dev/full in the audit-failure test
             return []
         records = [json.loads(line) for line in self.audit_path.read_bytes().splitlines()]
-        return records if include_probes else records[self._probe_records :]
+        if all_types:
+            return records
+        requests = [r for r in records if r.get("type") == "request"]
+        return requests if include_probes else requests[self._probe_records :]
 
     def start(self) -> CasbProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)

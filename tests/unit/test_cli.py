@@ -150,11 +150,11 @@ def test_audit_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     for i in range(3):
         log.append({"request_id": str(i), "status": 200})
     log.close()
-    assert main(["audit", "verify", str(path)]) == 0
+    assert main(["audit", "verify", "--no-signatures", str(path)]) == 0
     assert "OK: 3 records" in capsys.readouterr().out
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[2])
-    assert main(["audit", "verify", "--json", str(path)]) == 1
+    assert main(["audit", "verify", "--no-signatures", "--json", str(path)]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report == {"ok": False, "records": 1, "first_bad_line": 2, "problem": report["problem"]}
-    assert main(["audit", "verify", str(tmp_path / "missing.jsonl")]) == 2
+    assert (report["ok"], report["records"], report["first_bad_line"]) == (False, 1, 2)
+    assert main(["audit", "verify", "--no-signatures", str(tmp_path / "missing.jsonl")]) == 2

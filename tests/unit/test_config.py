@@ -132,7 +132,10 @@ def test_helm_values_config_is_a_valid_casb_config() -> None:
     config.update(
         state_dir="/var/lib/casb",
         policy={"paths": ["/etc/casb/policies"]},
-        audit={"path": "/var/log/casb/audit.jsonl"},
+        audit={
+            "path": "/var/log/casb/audit.jsonl",
+            "checkpoints": {"signing_key_file": "/etc/casb/audit-signing/signing-key.pem"},
+        },
         listeners=[
             {
                 "mode": "reverse",

@@ -20,6 +20,7 @@ from casb.encryption.keyring import create_keyring_file
 from casb.exchange import EnvelopeSpec, Forward, IncomingRequest, Refusal, Transaction
 from casb.runtime import Runtime
 from tests.jwks_server import TestKey, jwks_of
+from tests.support.audit_keys import audit_settings
 
 ISS, AUD = "https://idp.test", "casb"
 SAS_ENV = "OBJECTSTORE_PIPELINE_TEST_SAS"
@@ -110,7 +111,7 @@ def _build(tmp_path: Path, key: TestKey) -> Runtime:
         destinations=destinations,
         identity={"issuer": ISS, "audience": [AUD], "jwks_file": str(jwks)},
         policy={"paths": [str(policy)]},
-        audit={"path": str(tmp_path / "audit.jsonl")},
+        audit=audit_settings(tmp_path),
         dlp={"uid_key_file": str(uid_key)},
     )
     return Runtime.build(settings)
