@@ -17,12 +17,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* casb.yaml: the user's config plus the paths and listeners the chart owns. */}}
 {{- define "casb.config" -}}
 {{- $tls := dict "cert_file" "/etc/casb/tls/tls.crt" "key_file" "/etc/casb/tls/tls.key" -}}
+{{- $auditUser := .Values.config.audit | default dict -}}
+{{- $checkpoints := merge (dict "signing_key_file" "/etc/casb/audit-signing/signing-key.pem") ($auditUser.checkpoints | default dict) -}}
+{{- $audit := merge (dict "path" "/var/log/casb/audit.jsonl" "checkpoints" $checkpoints) (omit $auditUser "checkpoints") -}}
 {{- $owned := dict
   "state_dir" "/var/lib/casb"
   "listeners" (list (dict "mode" "reverse" "host" "0.0.0.0" "port" .Values.service.proxyPort "tls" $tls))
   "policy" (dict "paths" (list "/etc/casb/policies"))
-  "audit" (dict "path" "/var/log/casb/audit.jsonl") -}}
+  "audit" $audit -}}
+{{- if .Values.telemetrySecret -}}
+{{- $_ := set $owned "telemetry" (dict "pseudonym_key_file" "/etc/casb/telemetry/pseudonym-key") -}}
+{{- end -}}
 {{- $admin := merge (dict "host" "0.0.0.0" "port" .Values.service.adminPort) (.Values.config.admin | default dict) -}}
-{{- $cfg := merge (dict "admin" $admin) $owned (omit .Values.config "admin") -}}
+{{- $cfg := merge (dict "admin" $admin) $owned (omit .Values.config "admin" "audit" "telemetry") -}}
 {{- toYaml $cfg -}}
 {{- end -}}
