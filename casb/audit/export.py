@@ -41,7 +41,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from casb.audit.chain import GENESIS_HASH, record_hash
+from casb.audit.chain import GENESIS_HASH, read_entry
 from casb.audit.syslog import header_field, rfc5424_message
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -118,35 +118,11 @@ class ChainCheck:
     def check(self, lineno: int, raw: bytes) -> dict[str, Any]:
         """The parsed record; ExportError (tampered) if the line does not continue the
         chain."""
-        try:
-            record = parse_line(lineno, raw)
-        except ExportError as exc:
-            raise ExportError(lineno, exc.problem, tampered=True) from None
-        digest, problem = self._problem(record)
-        if problem:
+        record, problem = read_entry(raw, self.seq + 1, self.prev_hash)
+        if record is None:
             raise ExportError(lineno, problem, tampered=True)
-        self.seq, self.prev_hash = self.seq + 1, digest
+        self.seq, self.prev_hash = self.seq + 1, record["hash"]
         return record
-
-    def _problem(self, record: dict[str, Any]) -> tuple[str, str]:
-        """(the record's hash, "" or what is wrong with it as the next entry)."""
-        try:
-            digest = record_hash(record)
-        except ValueError:  # NaN or infinity: never written by the log
-            return "", "not canonical JSON (edited)"
-        if record.get("hash") != digest:
-            return digest, "hash mismatch: the record was edited"
-        if record.get("seq") != self.seq + 1:
-            return digest, (
-                f"sequence {record.get('seq')!r} where {self.seq + 1} was expected: "
-                "records were deleted, inserted or reordered"
-            )
-        if record.get("prev_hash") != self.prev_hash:
-            return digest, (
-                "prev_hash does not match the previous record: "
-                "records were deleted, inserted or reordered"
-            )
-        return digest, ""
 
 
 def parse_line(lineno: int, raw: bytes) -> dict[str, Any]:
