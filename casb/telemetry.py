@@ -55,6 +55,7 @@ _DURATION_BUCKETS = (
 _EXPORTERS = ("otlp", "console", "none")
 _PROTOCOLS = ("http/protobuf", "grpc")
 PSEUDONYM_KEY_FILE = "telemetry-pseudonym.key"
+DEFAULT_SPAN_BATCH = 64  # spans per OTLP export, unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE
 
 
 class TelemetryError(Exception):
@@ -110,7 +111,9 @@ def _resource(environ: Mapping[str, str]) -> Resource:
     return Resource.create({"service.name": name, "service.version": __version__})
 
 
-def _tracer_provider(choice: ExportChoice, resource: Resource) -> TracerProvider:
+def _tracer_provider(
+    choice: ExportChoice, resource: Resource, environ: Mapping[str, str]
+) -> TracerProvider:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
@@ -134,8 +137,12 @@ def _tracer_provider(choice: ExportChoice, resource: Resource) -> TracerProvider
         )
 
         exporter = HttpSpanExporter()
-    # Batched in a thread of the SDK: export never runs on the request path.
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    # Batched in a thread of the SDK: export never runs on the request path. But that
+    # thread encodes a whole batch while holding the GIL, which stalls the proxy's event
+    # loop: 512 spans (the SDK's default) put ~50 ms on the p99 under load, 64 about 15
+    # (bench/proxy_overhead.py). OTEL_BSP_MAX_EXPORT_BATCH_SIZE still overrides it.
+    batch = None if environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") else DEFAULT_SPAN_BATCH
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=batch))
     return provider
 
 
@@ -308,7 +315,7 @@ class Telemetry:
         return cls(
             tracer_provider=None
             if traces.exporter == "none"
-            else _tracer_provider(traces, resource),
+            else _tracer_provider(traces, resource, env),
             meter_provider=None
             if metrics.exporter == "none"
             else _meter_provider(metrics, resource),
