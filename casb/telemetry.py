@@ -139,8 +139,9 @@ def _tracer_provider(
         exporter = HttpSpanExporter()
     # Batched in a thread of the SDK: export never runs on the request path. But that
     # thread encodes a whole batch while holding the GIL, which stalls the proxy's event
-    # loop: 512 spans (the SDK's default) put ~50 ms on the p99 under load, 64 about 15
-    # (bench/proxy_overhead.py). OTEL_BSP_MAX_EXPORT_BATCH_SIZE still overrides it.
+    # loop: with 512 spans (the SDK's default) OTLP export added 62-70 ms to the p99
+    # under load, with 64 it added 5-9 ms, for the same CPU per request (paired runs of
+    # bench/proxy_overhead.py). OTEL_BSP_MAX_EXPORT_BATCH_SIZE still overrides it.
     batch = None if environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") else DEFAULT_SPAN_BATCH
     provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=batch))
     return provider
