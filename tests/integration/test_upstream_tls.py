@@ -10,6 +10,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,6 +40,26 @@ class _Answer(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _TlsServer(http.server.ThreadingHTTPServer):
+    """Handshakes in the connection's thread and closes a connection whose handshake
+    failed at once, as real servers do. (A wrapped listening socket handshakes inside
+    accept() and leaves a failed socket open until it is garbage collected: with TLS 1.3
+    the proxy has already sent its request by then, and waits for an answer.)"""
+
+    context: ssl.SSLContext
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            request.close()
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
 class TlsUpstream:
     """A DICOMweb-ish HTTPS server; `client_ca` makes a client certificate mandatory."""
 
@@ -48,8 +69,8 @@ class TlsUpstream:
         if client_ca is not None:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(client_ca)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.server = _TlsServer(("127.0.0.1", 0), _Answer)
+        self.server.context = context
         self.url = f"https://127.0.0.1:{self.server.server_port}/dicom-web"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
