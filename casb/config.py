@@ -382,14 +382,98 @@ class AdminSettings(_Model):
     roles: list[str] = ["admin"]  # token roles allowed to use the admin API (not /healthz)
 
 
+class StateTls(_Model):
+    """rediss:// (and TLS to Sentinels): the CAs the server certificate must chain to,
+    and a client certificate when the server asks for one."""
+
+    ca_bundle: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StateTls:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("set both client_cert_file and client_key_file, or neither")
+        return self
+
+
+class AuditStreamSettings(_Model):
+    enabled: bool = True  # with a Redis state store: audit records also go to a stream
+    name: str = Field("audit", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    max_len: int = Field(1_000_000, ge=1000)  # approximate (XADD MAXLEN ~)
+
+
 class StateSettings(_Model):
+    """Shared state across replicas: policy versions, revocations, rate-limit counters,
+    the audit stream. memory:// (default) is this process only; redis://, rediss:// or
+    redis+sentinel:// share it."""
+
     url: str = "memory://"
+    # The password, when it is not in the URL (never write it in the YAML).
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: StateTls = StateTls()
+    prefix: str = Field("casb", pattern=r"^[A-Za-z0-9_.-]{1,32}$")  # key namespace
+    # Names this replica (audit stream cursor, health); default: the host name (the pod).
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    # What revocation and rate-limit checks do when the store cannot answer:
+    # fail_closed (refuse: 503 state_unavailable) or cached (use the last answers this
+    # replica saw, and say so in the audit record: warning degraded_state).
+    degraded_mode: Literal["fail_closed", "cached"] = "fail_closed"
+    # A replica that missed a policy notification catches up by polling this often.
+    policy_poll_seconds: float = Field(1.0, gt=0, le=300)
+    timeout_seconds: float = Field(0.5, gt=0, le=30)  # per store call on the request path
+    audit_stream: AuditStreamSettings = AuditStreamSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "rediss+sentinel"):
+            raise ValueError(
+                "must be memory://, redis://, rediss://, redis+sentinel:// or rediss+sentinel://"
+            )
+        return v
+
+
+class RateLimit(_Model):
+    """At most `requests` requests and/or `bytes` body bytes (in + out) per principal per
+    `window_seconds`, for the listed actions (all when empty) of the listed destinations
+    (all when empty). Counted across replicas; 429 with Retry-After when spent."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    actions: list[str] = []
+    destinations: list[str] = []
+    roles: list[str] = []  # applies to principals holding any of these (all when empty)
+    requests: int | None = Field(None, ge=1)
+    bytes: int | None = Field(None, ge=1)
+    window_seconds: int = Field(60, ge=1, le=86400 * 31)
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimit:
+        if self.requests is None and self.bytes is None:
+            raise ValueError("set requests, bytes or both")
+        unknown = sorted(set(self.actions) - _ACTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown action(s) {', '.join(unknown)}; known: {', '.join(sorted(_ACTIONS))}"
+            )
+        return self
+
+
+# casb.context.Action's values (config.py imports nothing of casb; a unit test holds
+# the two equal)
+_ACTIONS = frozenset(
+    {"search", "retrieve", "retrieve_metadata", "store", "delete", "list", "worklist"}
+    | {"capabilities", "unknown"}
+)
 
 
 class LimitSettings(_Model):
     max_url_bytes: int = Field(8192, ge=256)
     # Largest request body the proxy holds in memory (mitmproxy's body_size_limit).
     max_body_bytes: int = Field(2 * 1024**3, ge=1024)
+    rate: list[RateLimit] = []  # per principal and action, across replicas
 
 
 class DlpConfig(_Model):
@@ -470,6 +554,15 @@ class Settings(BaseSettings):
                     "but both reach the same upstream host and port: TLS settings are per "
                     "host and port"
                 )
+        for limit in self.limits.rate:
+            missing = sorted(set(limit.destinations) - set(self.destinations))
+            if missing:
+                raise ValueError(
+                    f"limits.rate {limit.name!r}: unknown destination(s) {', '.join(missing)}"
+                )
+        names = [limit.name for limit in self.limits.rate]
+        if len(names) != len(set(names)):
+            raise ValueError("limits.rate: two limits share a name")
         ports = [(lst.host, lst.port) for lst in self.listeners if lst.port]
         if len(ports) != len(set(ports)):
             raise ValueError("listeners: two listeners share a host and port")
@@ -502,6 +595,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("ca_bundle", "client_cert_file", "client_key_file", "cursor_file"):
             fix(audit.get("syslog"), key)
     fix(data.get("telemetry"), "pseudonym_key_file")
+    state = data.get("state")
+    fix(state, "password_file")
+    if isinstance(state, dict):
+        for key in ("ca_bundle", "client_cert_file", "client_key_file"):
+            fix(state.get("tls"), key)
     fix(data.get("dlp"), "uid_key_file")
     for lst in data.get("listeners") or []:
         if isinstance(lst, dict):

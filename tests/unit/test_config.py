@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,43 @@ def test_helm_values_config_is_a_valid_casb_config() -> None:
     assert (REPO / "helm" / "casb" / "files" / "hospital.yaml").read_text() == (
         REPO / "policies" / "hospital.yaml"
     ).read_text()
+
+
+def test_rate_limits_name_known_actions_and_destinations() -> None:
+    from casb.config import Settings
+
+    base: dict[str, Any] = {
+        "environment": "dev",
+        "destinations": {"pacs": {"upstream": "http://p/x"}},
+    }
+    ok = Settings(**base, limits={"rate": [{"name": "r", "actions": ["retrieve"], "requests": 5}]})
+    assert ok.limits.rate[0].window_seconds == 60
+    for bad, message in (
+        ({"name": "r", "requests": 1, "actions": ["fetch"]}, "unknown action"),
+        ({"name": "r", "requests": 1, "destinations": ["vault"]}, "unknown destination"),
+        ({"name": "r"}, "set requests, bytes or both"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Settings(**base, limits={"rate": [bad]})
+    with pytest.raises(ValueError, match="share a name"):
+        Settings(**base, limits={"rate": [{"name": "r", "requests": 1}] * 2})
+
+
+def test_state_urls_are_checked() -> None:
+    from casb.config import Settings
+
+    base: dict[str, Any] = {
+        "environment": "dev",
+        "destinations": {"pacs": {"upstream": "http://p/x"}},
+    }
+    for url in ("memory://", "redis://h:6379/0", "rediss://u@h", "redis+sentinel://a:1,b:2/m"):
+        assert Settings(**base, state={"url": url}).state.url == url
+    with pytest.raises(ValueError, match="must be memory://"):
+        Settings(**base, state={"url": "http://redis:6379"})
+
+
+def test_rate_limit_actions_are_the_classifier_actions() -> None:
+    from casb.config import _ACTIONS
+    from casb.context import Action
+
+    assert {a.value for a in Action} == _ACTIONS
