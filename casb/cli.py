@@ -6,7 +6,11 @@
     casb policy explain      what would the proxy decide for this request?
     casb policy test         run policy test cases (like `opa test`)
     casb policy schema       print the policy JSON Schema
+    casb policy publish      publish policy files to every replica (shared state store)
+    casb policy versions     list the published policy versions
+    casb policy rollback     make an earlier published version current again
     casb token mint          mint a dev token (dev signing key only)
+    casb token revoke        revoke a token (--jti) or a subject's tokens (--sub) everywhere
     casb audit verify        check an audit log's hash chain and signed checkpoints
     casb audit keygen        new key pair for signing audit checkpoints
     casb audit export        export the audit trail (JSONL or ATNA syslog)
@@ -247,8 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the JSON Schema of the policy format.",
     )
     p.set_defaults(func=cmd_policy_schema)
+    from casb.policy.cli_store import add_policy_store_commands
 
-    token = sub.add_parser("token", help="dev tokens", description="Dev token tools.")
+    add_policy_store_commands(psub)
+
+    token = sub.add_parser(
+        "token", help="mint dev tokens, revoke tokens", description="Token tools."
+    )
     tsub = token.add_subparsers(dest="token_command", required=True, metavar="SUBCOMMAND")
     p = tsub.add_parser(
         "mint",
@@ -263,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim", action="append", metavar="KEY=VALUE", help="an extra claim")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     p.set_defaults(func=cmd_token_mint)
+    from casb.identity.cli_revoke import add_revoke_command
+
+    add_revoke_command(tsub)
 
     from casb.audit.cli import add_audit_commands
 

@@ -283,6 +283,10 @@ class IdentitySettings(_Model):
     allow_query_token: bool = False  # `access_token` query parameter (OHIF frames)
     max_token_bytes: int = Field(8192, ge=256)
     token_cache_size: int = Field(10000, ge=0)
+    # Tokens living longer than this (exp - iat) are refused, and so are tokens without
+    # exp: a revocation (`casb token revoke`) lasts this long, so it outlives every token
+    # it covers. None accepts any lifetime (then give revocations --expires).
+    max_token_lifetime_seconds: int | None = Field(86400, ge=60)
 
     @field_validator("audience", mode="before")
     @classmethod

@@ -42,6 +42,9 @@ class Principal:
     claims: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     expires_at: float | None = None  # epoch seconds (the token's exp)
     token_id: str | None = None  # jti, when the token has one
+    # epoch seconds (the token's iat), when it has one: `casb token revoke --sub` revokes
+    # the subject's tokens issued before a time
+    issued_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from casb.routing import AwsCredentials
 
 if TYPE_CHECKING:
     from casb.encryption.keyring import KeyEncryptionKeys
+    from casb.ratelimit import Admission
     from casb.telemetry import RequestTrace
 
 
@@ -98,6 +99,9 @@ class Transaction:
     warnings: list[str] = field(default_factory=list)  # audited, e.g. plaintext_upstream
     envelope: str | None = None  # audited: "encrypted" / "decrypted" / why it failed
     trace: RequestTrace | None = None  # its spans (casb.telemetry), when tracing
+    policy_version: str = ""  # the policy that decided (a reload may follow before audit)
+    # The rate limiter's admission: its byte counters are charged when the request ends.
+    admission: Admission | None = None
 
     @property
     def allowed(self) -> bool:

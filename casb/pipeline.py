@@ -1,7 +1,13 @@
 """The request pipeline: the only place that knows the order of the deciders.
 
-    normalise URL -> identity (JWT) -> route to destination -> classify -> policy
+    normalise URL -> identity (JWT) -> revocation -> route to destination -> classify
+    -> policy -> encryption / DLP checks -> rate limits
     -> Forward (rewritten to what was classified) or Refusal; then one audit record.
+
+Revocation and rate limits ask the shared state store (casb.state): when it cannot
+answer, the request is refused (503 state_unavailable) unless `state.degraded_mode` is
+`cached`, where this replica's last answers are used and the audit record carries the
+warning "degraded_state".
 
 Fail closed: every refusal, and any exception raised by a check, ends in a Refusal with
 a clear code and an audit record. Nothing here imports mitmproxy: the edge adapts flows
@@ -10,13 +16,14 @@ to IncomingRequest and outcomes to responses.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from casb.audit import AuditError, AuditLog
 from casb.audit.record import build_record
@@ -45,12 +52,15 @@ from casb.identity import (
     extract_token,
     strip_query_token,
 )
+from casb.identity.revocation import REVOKED_CHALLENGE, RevocationChecker
 from casb.objectstore.acl import public_access_refusal
 from casb.objectstore.sigv4 import canonical_query, uri_encode
 from casb.policy import CompiledPolicy
 from casb.policy.decision import Decision
 from casb.policy.loader import DLP_OBLIGATIONS
+from casb.ratelimit import Admission, RateLimiter
 from casb.routing import Route, Router
+from casb.state.store import StateUnavailable
 from casb.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -68,6 +78,9 @@ _MASKED_ACTIONS = frozenset(
     {Action.SEARCH, Action.RETRIEVE, Action.RETRIEVE_METADATA, Action.WORKLIST}
 )
 _STOW_TYPES = ("multipart/related",)
+# Audit warning: a revocation or rate-limit answer came from this replica's cache because
+# the state store could not answer (state.degraded_mode: cached).
+DEGRADED_STATE = "degraded_state"
 _ERROR_STYLES = {"s3": "s3", "azure_blob": "azure", "gcs": "gcs"}
 
 
@@ -120,8 +133,14 @@ class Pipeline:
         uid_key: bytes | None = None,
         envelopes: dict[str, EnvelopeSpec] | None = None,
         telemetry: Telemetry | None = None,
+        revocation: RevocationChecker | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.verifier = verifier
+        # Store-backed checks (casb.state); None: not checked (tools that only decide).
+        self.revocation = revocation
+        self.rate_limiter = rate_limiter
+        self._charges: set[asyncio.Task[None]] = set()  # byte charges in flight
         self.telemetry = telemetry or Telemetry()  # no exporters: every call a no-op
         self._pending_events: list[tuple[str, dict[str, Any]]] = []  # audit_event()
         # Called after each audit record is written (the syslog forwarder's notify).
@@ -187,6 +206,9 @@ class Pipeline:
         tx.error_style = self._error_style(req, target.segments)
         with self.telemetry.step(tx, "casb.identity"):
             tx.principal = await self._authenticate(req, target.query)
+        if self.revocation is not None:
+            with self.telemetry.step(tx, "casb.revocation"):
+                await self._check_revocation(tx, self.revocation)
         outcome = self.authorize(
             tx,
             target,
@@ -203,7 +225,49 @@ class Pipeline:
             outcome = self._check_encryption(tx, outcome, req, target.query)
         if outcome.dlp is not None and outcome.kind == "dicomweb":
             _check_inspectable(outcome.dlp, req.headers)
+        if self.rate_limiter is not None:
+            # last: only requests that would be forwarded are counted
+            with self.telemetry.step(tx, "casb.ratelimit"):
+                await self._check_rate(tx, self.rate_limiter)
         return outcome
+
+    async def _check_revocation(self, tx: Transaction, checker: RevocationChecker) -> None:
+        """401 token_revoked for a revoked token; 503 when the store cannot say."""
+        assert tx.principal is not None
+        try:
+            check = await checker.check(tx.principal)
+        except StateUnavailable:
+            _state_unavailable("token revocations")
+        if check.degraded:
+            _warn(tx, DEGRADED_STATE)
+        if check.revoked:
+            refusal = Refusal(
+                401,
+                "token_revoked",
+                "the token was revoked",
+                (("WWW-Authenticate", REVOKED_CHALLENGE),),
+            )
+            raise _Refused(refusal, check.reason)
+
+    async def _check_rate(self, tx: Transaction, limiter: RateLimiter) -> None:
+        """429 rate_limited (with Retry-After) when a limit is spent; 503 when the store
+        cannot count."""
+        assert tx.principal is not None and tx.action is not None and tx.resource is not None
+        try:
+            admission = await limiter.admit(tx.principal, tx.action, tx.resource.destination)
+        except StateUnavailable:
+            _state_unavailable("rate limits")
+        if admission.degraded:
+            _warn(tx, DEGRADED_STATE)
+        if not admission.allowed:
+            refusal = Refusal(
+                429,
+                "rate_limited",
+                admission.reason,
+                (("Retry-After", str(admission.retry_after)),),
+            )
+            raise _Refused(refusal, admission.reason)
+        tx.admission = admission
 
     def _error_style(self, req: IncomingRequest, segments: tuple[str, ...]) -> str:
         """Object-store SDKs surface errors only in their own format: find the
@@ -310,9 +374,11 @@ class Pipeline:
                 route, tx.method, rest, target.query, headers, host_bucket
             )
             tx.action, tx.resource = classification.action, classification.resource
+        policy = self.policy  # once: a hot reload between two decisions cannot mix them
+        tx.policy_version = policy.version  # the version audited is the one that decided
         with self.telemetry.step(tx, "casb.policy"):
             facts = RequestFacts(time=tx.time, method=tx.method, client_ip=tx.client_ip)
-            decision = self.policy.decide(
+            decision = policy.decide(
                 tx.principal, classification.action, classification.resource, facts
             )
             tx.decision = decision
@@ -329,7 +395,7 @@ class Pipeline:
                     key=source[1],
                     operation="CopySource",
                 )
-                src_decision = self.policy.decide(tx.principal, Action.RETRIEVE, src, facts)
+                src_decision = policy.decide(tx.principal, Action.RETRIEVE, src, facts)
                 if not src_decision.allow:
                     reasons = [f"copy source: {r}" for r in src_decision.reasons]
                     return _denial(src_decision.step_up, reasons or ["copy source: denied"])
@@ -510,13 +576,14 @@ class Pipeline:
         if self.audit is None:
             raise AuditError("this pipeline was built without an audit log")
         tx.finished = True
+        self._charge_bytes(tx.admission, bytes_in + bytes_out)
         record = build_record(
             tx,
             status=status,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             error=error,
-            policy_version=self.policy.version,
+            policy_version=tx.policy_version or self.policy.version,
         )
         try:
             self._write_pending_events()
@@ -527,6 +594,38 @@ class Pipeline:
         self.telemetry.finished(tx, record, audited=True)
         if self.audit_written is not None:
             self.audit_written()
+
+    def _charge_bytes(self, admission: Admission | None, nbytes: int) -> None:
+        """Charge a finished request's bytes to its byte limits, in the background:
+        finish() is synchronous and must neither wait for the store nor fail over it
+        (RateLimiter.charge_bytes queues what the store does not take)."""
+        limiter = self.rate_limiter
+        if limiter is None or admission is None or not admission.byte_counters or nbytes <= 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a synchronous tool): nothing to charge with
+            log.warning("rate-limit byte charge skipped: no running event loop")
+            return
+        task = loop.create_task(limiter.charge_bytes(admission, nbytes))
+        self._charges.add(task)
+        task.add_done_callback(self._charges.discard)
+
+    async def drain_charges(self) -> None:
+        """Wait for the byte charges in flight (shutdown, tests)."""
+        while self._charges:
+            await asyncio.gather(*list(self._charges), return_exceptions=True)
+
+
+def _warn(tx: Transaction, warning: str) -> None:
+    if warning not in tx.warnings:
+        tx.warnings.append(warning)
+
+
+def _state_unavailable(what: str) -> NoReturn:
+    reason = f"the shared state store cannot be reached to check {what}; request refused"
+    refusal = Refusal(503, "state_unavailable", reason, (("Retry-After", "1"),))
+    raise _Refused(refusal, reason) from None
 
 
 def new_transaction(method: str, client_ip: str = "", at: datetime | None = None) -> Transaction:

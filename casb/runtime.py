@@ -1,4 +1,5 @@
-"""Assemble a running casb from Settings: identity, policy, router, audit log, pipeline.
+"""Assemble a running casb from Settings: identity, policy, router, audit log, pipeline,
+the shared state store and the policy distributor (hot reload).
 
 Everything that is loaded or compiled once lives here, never on the request path.
 The mitmproxy addon, the admin API and the CLI all build their parts through `Runtime`.
@@ -24,9 +25,14 @@ from casb.encryption.keyring import KeyringError, WatchedKeyring
 from casb.exchange import EnvelopeSpec
 from casb.identity import TokenVerifier, build_verifier
 from casb.identity.devkeys import dev_identity_settings, ensure_dev_keys
+from casb.identity.revocation import RevocationChecker
 from casb.pipeline import Pipeline
 from casb.policy import CompiledPolicy, load_policy
+from casb.policy.distribution import PolicyDistributor
+from casb.ratelimit import RateLimiter
 from casb.routing import Router
+from casb.state import MemoryState, StateStore, open_state
+from casb.state.store import StateUnavailable
 from casb.telemetry import Telemetry, TelemetryError, load_pseudonym_key
 
 log = logging.getLogger("casb")
@@ -141,13 +147,20 @@ async def _checkpoint_timer(pipeline: Pipeline) -> None:
 class Runtime:
     settings: Settings
     pipeline: Pipeline
+    # The shared state (state.url). Tools that only decide get an empty in-process one:
+    # they consult no replica's state and need none of its credentials.
+    state: StateStore
     forwarder: AuditForwarder | None = None  # the live syslog copy, when configured
+    # Follows the store's current policy (or, with memory://, the policy files); the
+    # proxy only: tools that only decide start no watchers.
+    policy_distributor: PolicyDistributor | None = None
     _checkpoints: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, *, audit: bool = True) -> Runtime:
         """Load and compile everything. `audit=False` for tools that only decide
-        (explain, policy tests): they must not take the proxy's audit log lock."""
+        (explain, policy tests): they must not take the proxy's audit log lock, and
+        neither connect to the shared state nor watch policies."""
         settings = effective_settings(settings)
         assert settings.identity is not None
         policy = load_policy_for(settings)
@@ -156,6 +169,11 @@ class Runtime:
         uid_key = load_uid_key(settings)
         # Exporters only for the proxy: tools that only decide send no telemetry.
         telemetry = build_telemetry(settings) if audit else Telemetry()
+        telemetry.policy_active(policy.version)
+        # The proxy's shared state; tools that only decide get an empty in-process one.
+        state: StateStore = (
+            open_state(settings.state, state_dir=settings.state_dir) if audit else MemoryState()
+        )
         pipeline = Pipeline(
             settings,
             verifier=verifier,
@@ -181,18 +199,40 @@ class Runtime:
             if forwarder is not None:
                 pipeline.audit_written = forwarder.notify
             pipeline.audit_event("policy_change", policy_record(pipeline, settings, "loaded"))
-            return cls(settings=settings, pipeline=pipeline, forwarder=forwarder)
-        return cls(settings=settings, pipeline=pipeline)
+            s = settings.state
+            pipeline.revocation = RevocationChecker(
+                state, degraded_mode=s.degraded_mode, timeout_seconds=s.timeout_seconds
+            )
+            if settings.limits.rate:
+                pipeline.rate_limiter = RateLimiter(
+                    state,
+                    settings.limits.rate,
+                    degraded_mode=s.degraded_mode,
+                    timeout_seconds=s.timeout_seconds,
+                )
+            distributor = PolicyDistributor(state, pipeline, settings, telemetry, uid_key=uid_key)
+            return cls(
+                settings=settings,
+                pipeline=pipeline,
+                state=state,
+                forwarder=forwarder,
+                policy_distributor=distributor,
+            )
+        return cls(settings=settings, pipeline=pipeline, state=state)
 
     async def start(self) -> None:
         await self.pipeline.verifier.start()
+        if self.policy_distributor is not None and not self.policy_distributor.running:
+            # the store's current policy (if any) is adopted before this returns
+            await self.policy_distributor.start()
         if self.pipeline.audit is not None and self._checkpoints is None:
             self._checkpoints = asyncio.create_task(_checkpoint_timer(self.pipeline))
         if self.forwarder is not None and not self.forwarder.running:
             self.forwarder.start()
 
     def discard(self) -> None:
-        """Release what build() took (the audit log lock) without having started."""
+        """Release what build() took (the audit log lock) without having started. (The
+        state store has connected to nothing before start: aclose() closes it.)"""
         audit, self.pipeline.audit = self.pipeline.audit, None
         try:
             if audit is not None:
@@ -206,13 +246,23 @@ class Runtime:
             self.pipeline.telemetry.shutdown()  # flushes spans and metrics not yet exported
 
     async def aclose(self) -> None:
+        if self.policy_distributor is not None:
+            await self.policy_distributor.aclose()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoints
             self._checkpoints = None
         await self.pipeline.verifier.aclose()
-        self.discard()
+        try:
+            self.discard()
+        finally:
+            try:
+                # byte charges of finished requests still on their way to the store
+                await asyncio.wait_for(self.pipeline.drain_charges(), timeout=5.0)
+            except (TimeoutError, StateUnavailable):
+                log.warning("rate-limit byte charges not delivered at shutdown")
+            await self.state.aclose()
 
 
 __all__ = ["Runtime", "effective_settings", "load_policy_for"]

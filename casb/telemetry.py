@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import Counter, Histogram
+    from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -296,6 +296,15 @@ class Telemetry:
         self._meter_provider = meter_provider
         self._tracer = tracer_provider.get_tracer("casb") if tracer_provider else None
         self._metrics = _instruments(meter_provider) if meter_provider else None
+        self._active_policy: str | None = None
+        if meter_provider is not None:
+            meter_provider.get_meter("casb").create_observable_gauge(
+                "casb.policy.active",
+                callbacks=[self._observe_policy],
+                unit="{policy}",
+                description="The policy version this replica enforces: 1, with the "
+                "version in casb.policy_version",
+            )
         self._key = pseudonym_key
         self._prefixes = dict(route_prefixes or {})
         self.tracing = self._tracer is not None
@@ -537,6 +546,17 @@ class Telemetry:
     def policy_loaded(self, ok: bool) -> None:
         if self._metrics is not None:
             self._metrics.reloads.add(1, {"outcome": "ok" if ok else "rejected"})
+
+    def policy_active(self, version: str) -> None:
+        """The policy this replica enforces now (reported by the casb.policy.active gauge:
+        one series, for the active version only, so replicas can be compared)."""
+        self._active_policy = version
+
+    def _observe_policy(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        version = self._active_policy
+        return [] if version is None else [Observation(1, {"casb.policy_version": version})]
 
     def audit_record(self, kind: str) -> None:
         if self._metrics is not None:

@@ -2,12 +2,14 @@
 token whose principal holds one of `admin.roles`.
 
     GET  /healthz             liveness: the process serves HTTP
-    GET  /readyz              readiness: signing keys loaded, policy compiled, audit writable
+    GET  /readyz              readiness: signing keys loaded, policy compiled, audit writable;
+                              the active policy version and the state store's health
     POST /v1/policy/simulate  what the proxy would decide (same JSON as `casb policy explain`)
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at runtime,
 # including ones that name closures (the admin dependency).
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException
@@ -18,7 +20,9 @@ from casb import __version__
 from casb.context import Principal
 from casb.explain import explain
 from casb.identity import AuthenticationError, IdentityUnavailable, extract_token
+from casb.identity.revocation import REVOKED_CHALLENGE
 from casb.runtime import Runtime
+from casb.state.store import StateUnavailable
 
 
 class SimulateRequest(BaseModel):
@@ -55,6 +59,19 @@ def create_app(runtime: Runtime) -> FastAPI:
             ) from None
         except IdentityUnavailable:
             raise HTTPException(503, "signing keys are unavailable") from None
+        if pipeline.revocation is not None:  # a revoked token opens no admin API either
+            try:
+                check = await pipeline.revocation.check(principal)
+            except StateUnavailable:
+                raise HTTPException(
+                    503, "the shared state store cannot be reached to check token revocations"
+                ) from None
+            if check.revoked:
+                raise HTTPException(
+                    401,
+                    "the token was revoked",
+                    headers={"WWW-Authenticate": REVOKED_CHALLENGE},
+                )
         if principal.roles.isdisjoint(admin_roles):
             raise HTTPException(403, f"the admin API needs one of the roles {sorted(admin_roles)}")
         return principal
@@ -62,6 +79,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    async def state_health() -> dict[str, Any]:
+        """The state store answers? Not a readiness condition: without it the last good
+        policy keeps serving (and revocation / rate limits do what degraded_mode says),
+        so the replica reports itself degraded instead of leaving the Service."""
+        store, distributor = runtime.state, runtime.policy_distributor
+        try:
+            health = await asyncio.wait_for(store.ping(), timeout=state_timeout)
+            ok = health.ok
+        except (StateUnavailable, TimeoutError):
+            ok = False
+        degraded = not ok or (distributor is not None and distributor.degraded)
+        return {"backend": store.backend, "ok": ok, "degraded": degraded}
+
+    state_timeout = max(runtime.settings.state.timeout_seconds, 0.1)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
@@ -72,11 +104,17 @@ def create_app(runtime: Runtime) -> FastAPI:
             # the last audit write failed: requests are refused until one succeeds
             "audit": audit is not None and audit.healthy,
         }
+        ready = all(checks.values())
+        state = await state_health()
+        distributor = runtime.policy_distributor
+        policy = pipeline.policy  # one read: version and rules of the same policy
         body: dict[str, Any] = {
-            "status": "ready" if all(checks.values()) else "not_ready",
+            "status": ("degraded" if state["degraded"] else "ready") if ready else "not_ready",
             "checks": checks,
-            "policy_version": pipeline.policy.version,
-            "rules": pipeline.policy.rule_count,
+            "policy_version": policy.version,
+            "policy_source": distributor.source if distributor is not None else "files",
+            "rules": policy.rule_count,
+            "state": state,
         }
         if runtime.forwarder is not None:
             # not a readiness condition: the local audit log is the spool
@@ -86,7 +124,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 "lag": fwd.lag,
                 "last_error": fwd.last_error,
             }
-        return JSONResponse(body, status_code=200 if all(checks.values()) else 503)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.post("/v1/policy/simulate")
     async def simulate(

@@ -129,6 +129,8 @@ _OPERATIONAL_ERRORS = frozenset(
         "internal_error",
         "dlp_unavailable",
         "envelope_unavailable",
+        "rate_limited",
+        "state_unavailable",
     }
 )
 _METHOD_ACTION = {"GET": "R", "HEAD": "R", "OPTIONS": "R", "DELETE": "D"}
@@ -272,7 +274,7 @@ def _request_event(record: Mapping[str, Any], source_id: str) -> AuditEvent:
     proxy = Participant(source_id, False, (APPLICATION,))
     destination = _str(record.get("destination"))
 
-    if error in ("unauthenticated", "identity_unavailable"):
+    if error in ("unauthenticated", "identity_unavailable", "token_revoked"):
         outcome = MAJOR_FAILURE if error == "identity_unavailable" else SERIOUS_FAILURE
         return AuditEvent(
             USER_AUTHENTICATION,

@@ -264,8 +264,8 @@ class TokenVerifier:
         except (PyJWTError, ValueError, TypeError) as exc:
             raise _invalid(_describe(exc, self._required)) from None
 
-        expires_at = self._check_times(payload)
-        principal = self._principal(payload, expires_at)
+        expires_at, issued_at = self._check_times(payload)
+        principal = self._principal(payload, expires_at, issued_at)
         self._remember(token, principal)
         return principal
 
@@ -302,7 +302,8 @@ class TokenVerifier:
                 return key
         return miss
 
-    def _check_times(self, payload: Mapping[str, Any]) -> float | None:
+    def _check_times(self, payload: Mapping[str, Any]) -> tuple[float | None, float | None]:
+        """The token's (exp, iat), once they are checked against our clock."""
         now = self._clock()
         leeway = self.settings.leeway_seconds
         exp = _numeric_date(payload, "exp")
@@ -312,9 +313,18 @@ class TokenVerifier:
             raise _invalid("token expired")
         if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
             raise _invalid("token not yet valid")
-        return exp
+        longest = self.settings.max_token_lifetime_seconds
+        if longest is not None:
+            # Revocations last `longest`: a token that could outlive one is refused.
+            if exp is None:
+                raise _invalid("token has no expiry (exp)")
+            if exp - (now if iat is None else iat) > longest + leeway:
+                raise _invalid("token lifetime exceeds the maximum this proxy accepts")
+        return exp, iat
 
-    def _principal(self, payload: dict[str, Any], expires_at: float | None) -> Principal:
+    def _principal(
+        self, payload: dict[str, Any], expires_at: float | None, issued_at: float | None
+    ) -> Principal:
         subject = payload.get("sub")
         if subject is None:
             raise _invalid("missing required claim 'sub'")
@@ -337,6 +347,7 @@ class TokenVerifier:
             claims=claims,
             expires_at=expires_at,
             token_id=jti if isinstance(jti, str) else None,
+            issued_at=issued_at,
         )
 
     def _remember(self, token: str, principal: Principal) -> None:

@@ -13,7 +13,7 @@ at start-up, refuses to start (fail closed).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ __all__ = [
     "compile_policy",
     "load_policy",
     "parse_policy",
+    "policy_files",
     "policy_json_schema",
+    "policy_version",
 ]
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -100,6 +102,20 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
         else:
             files.append(path)
     return files
+
+
+def policy_files(paths: Sequence[Path]) -> list[Path]:
+    """The files ``load_policy(paths)`` reads, in load order (directories expanded)."""
+    return _expand(paths)
+
+
+def policy_version(contents: Iterable[bytes]) -> str:
+    """A policy's version: ``sha256:`` of its files' bytes concatenated in load order
+    (``cat files | sha256sum``). Policy bundles (casb.policy.bundle) hash the same way."""
+    digest = hashlib.sha256()
+    for raw in contents:
+        digest.update(raw)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _read(path: Path) -> bytes:
@@ -172,19 +188,19 @@ def load_policy(
     if not paths:
         raise PolicyLoadError(["no policy files given"])
     files = _expand(paths)
-    digest = hashlib.sha256()
+    raws: list[bytes] = []
     docs: list[tuple[str, PolicyDocument]] = []
     problems: list[str] = []
     for path in files:
         raw = _read(path)
-        digest.update(raw)
+        raws.append(raw)
         try:
             docs.append((str(path), parse_policy(raw, str(path))))
         except PolicyLoadError as exc:
             problems.extend(exc.problems)
     if problems:
         raise PolicyLoadError(problems)
-    return compile_policy(docs, known_destinations, version=f"sha256:{digest.hexdigest()}")
+    return compile_policy(docs, known_destinations, version=policy_version(raws))
 
 
 def compile_policy(

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.integration
 
 PSEUDONYM = re.compile(r"^p-[0-9a-f]{16}$")
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-PIPELINE = ["casb.identity", "casb.classify", "casb.policy", "casb.encryption"]
+PIPELINE = ["casb.identity", "casb.revocation", "casb.classify", "casb.policy", "casb.encryption"]
 # Never on a span (contract): raw URLs, queries, client addresses, headers, bodies.
 FORBIDDEN_ATTRIBUTES = ("url.full", "url.query", "url.path", "client.address")
 FAIL_HEADER = "X-Test-Upstream-Status"  # makes the hop answer this status itself
@@ -476,7 +476,12 @@ def test_a_denied_request_has_a_server_span_with_the_refusal_and_no_upstream_cal
     assert PSEUDONYM.match(a["casb.principal"])
     assert server.status_code != "ERROR"  # a refusal is not a server error
     # It stopped at the policy: no encryption check, no upstream call.
-    children(receiver, server, ["casb.identity", "casb.classify", "casb.policy"], clients=0)
+    children(
+        receiver,
+        server,
+        ["casb.identity", "casb.revocation", "casb.classify", "casb.policy"],
+        clients=0,
+    )
     assert hop.with_trace(client_trace) == []
     assert record_of(traced, r.headers["x-request-id"])["trace_id"] == client_trace
 

@@ -658,3 +658,11 @@ def test_no_value_outside_the_record(record: dict[str, Any]) -> None:
         parts = re.split(r"; |[?&]|^<|@(?=https?://)|>$", value)
         for part in filter(None, parts):
             assert part in STANDARD or part in held, f"{part!r} is not from the record"
+
+
+def test_issue_7_refusals_map_to_login_failure_or_operational_outcomes() -> None:
+    revoked = msg(request(decision="deny", error="token_revoked", status=401))
+    assert revoked.find("EventIdentification/EventID").get("csd-code") == "110114"
+    for code, status in (("rate_limited", 429), ("state_unavailable", 503)):
+        root = msg(request(decision="deny", error=code, status=status))
+        assert root.find("EventIdentification/EventID").get("csd-code") != "110113", code

@@ -329,7 +329,7 @@ async def test_token_without_exp_accepted_when_allowed_but_not_cached(
     env: Env, keyring: dict[str, TestKey]
 ) -> None:
     key = keyring["ES256"]
-    verifier = await env.verifier(key, required_claims=["sub"])
+    verifier = await env.verifier(key, required_claims=["sub"], max_token_lifetime_seconds=None)
     token = key.sign(claims(exp=DROP))
     first = await verifier.verify(token)
     assert first.expires_at is None
@@ -977,3 +977,18 @@ def test_mint_token_claims(state_dir: Path) -> None:
     )
     with pytest.raises(ValueError):
         mint_token(keys, subject="a", roles=[], ttl_seconds=0)
+
+
+async def test_tokens_outliving_a_revocation_are_refused(
+    env: Env, keyring: dict[str, TestKey]
+) -> None:
+    """A revocation lasts identity.max_token_lifetime_seconds: a token that could
+    outlive it (or never expires) is refused."""
+    key = keyring["ES256"]
+    verifier = await env.verifier(key, required_claims=["sub"], max_token_lifetime_seconds=3600)
+    now = int(NOW) - 10
+    assert (await verifier.verify(key.sign(claims(iat=now, exp=now + 3600)))).subject
+    too_long = await rejected(verifier, key.sign(claims(iat=now, exp=now + 7200)))
+    assert too_long.description == "token lifetime exceeds the maximum this proxy accepts"
+    endless = await rejected(verifier, key.sign(claims(exp=DROP)))
+    assert endless.description == "token has no expiry (exp)"

@@ -100,7 +100,14 @@ async def test_an_allowed_request_is_one_trace_with_a_span_per_check(
         s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id
     ]
     names = [s.name for s in sorted(children, key=lambda s: s.start_time or 0)]
-    assert names == ["casb.identity", "casb.classify", "casb.policy", "casb.encryption", "GET"]
+    assert names == [
+        "casb.identity",
+        "casb.revocation",
+        "casb.classify",
+        "casb.policy",
+        "casb.encryption",
+        "GET",
+    ]
     client = by_name(spans, "GET")[0]
     assert client.kind is SpanKind.CLIENT
     assert client.attributes is not None

@@ -25,10 +25,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "listeners" (list (dict "mode" "reverse" "host" "0.0.0.0" "port" .Values.service.proxyPort "tls" $tls))
   "policy" (dict "paths" (list "/etc/casb/policies"))
   "audit" $audit -}}
+{{- if .Values.redisSecret -}}
+{{- $_ := set $owned "state" (merge (dict "password_file" "/etc/casb/redis/password") (.Values.config.state | default dict)) -}}
+{{- else if .Values.config.state -}}
+{{- $_ := set $owned "state" .Values.config.state -}}
+{{- end -}}
 {{- if .Values.telemetrySecret -}}
 {{- $_ := set $owned "telemetry" (dict "pseudonym_key_file" "/etc/casb/telemetry/pseudonym-key") -}}
 {{- end -}}
 {{- $admin := merge (dict "host" "0.0.0.0" "port" .Values.service.adminPort) (.Values.config.admin | default dict) -}}
-{{- $cfg := merge (dict "admin" $admin) $owned (omit .Values.config "admin" "audit" "telemetry") -}}
+{{- $cfg := merge (dict "admin" $admin) $owned (omit .Values.config "admin" "audit" "telemetry" "state") -}}
 {{- toYaml $cfg -}}
 {{- end -}}
