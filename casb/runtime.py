@@ -12,12 +12,14 @@ import contextlib
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from casb.audit import AuditError, AuditLog
 from casb.audit.checkpoint import signer_from_settings
 from casb.audit.forwarder import AuditForwarder, ForwarderError
+from casb.audit.stream import AuditStreamShipper
 from casb.audit.syslog import rfc5424_message
 from casb.config import ConfigError, IdentitySettings, Settings
 from casb.dlp.uid_key import load_uid_key
@@ -109,6 +111,23 @@ def policy_record(pipeline: Pipeline, settings: Settings, event: str) -> dict[st
     }
 
 
+def build_stream_shipper(settings: Settings, state: StateStore) -> AuditStreamShipper | None:
+    """The audit stream copy of the audit log (state.audit_stream): with a shared store
+    only (with memory:// no one else could read it); not started yet."""
+    s = settings.state
+    if state.backend != "redis" or not s.audit_stream.enabled:
+        return None
+    replica_id = s.replica_id or socket.gethostname() or "casb"
+    return AuditStreamShipper(
+        state, settings.audit.path, replica_id, max_len=s.audit_stream.max_len
+    )
+
+
+def _notify_all(hooks: tuple[Callable[[], None], ...]) -> None:
+    for hook in hooks:
+        hook()
+
+
 def build_forwarder(settings: Settings) -> AuditForwarder | None:
     """The live syslog copy of the audit log (audit.syslog), not started yet."""
     sink = settings.audit.syslog
@@ -151,6 +170,7 @@ class Runtime:
     # they consult no replica's state and need none of its credentials.
     state: StateStore
     forwarder: AuditForwarder | None = None  # the live syslog copy, when configured
+    stream: AuditStreamShipper | None = None  # the audit stream copy (Redis)
     # Follows the store's current policy (or, with memory://, the policy files); the
     # proxy only: tools that only decide start no watchers.
     policy_distributor: PolicyDistributor | None = None
@@ -196,8 +216,10 @@ class Runtime:
                 inspectors.inspector(name)
             pipeline.audit = open_audit_log(settings)
             forwarder = build_forwarder(settings)
-            if forwarder is not None:
-                pipeline.audit_written = forwarder.notify
+            stream = build_stream_shipper(settings, state)
+            hooks = tuple(h.notify for h in (forwarder, stream) if h is not None)
+            if hooks:
+                pipeline.audit_written = functools.partial(_notify_all, hooks)
             pipeline.audit_event("policy_change", policy_record(pipeline, settings, "loaded"))
             s = settings.state
             pipeline.revocation = RevocationChecker(
@@ -216,6 +238,7 @@ class Runtime:
                 pipeline=pipeline,
                 state=state,
                 forwarder=forwarder,
+                stream=stream,
                 policy_distributor=distributor,
             )
         return cls(settings=settings, pipeline=pipeline, state=state)
@@ -229,6 +252,8 @@ class Runtime:
             self._checkpoints = asyncio.create_task(_checkpoint_timer(self.pipeline))
         if self.forwarder is not None and not self.forwarder.running:
             self.forwarder.start()
+        if self.stream is not None and not self.stream.running:
+            self.stream.start()
 
     def discard(self) -> None:
         """Release what build() took (the audit log lock) without having started. (The
@@ -257,6 +282,8 @@ class Runtime:
         try:
             self.discard()
         finally:
+            if self.stream is not None:  # after discard(): the final checkpoint goes too
+                await self.stream.aclose(timeout=5.0)
             try:
                 # byte charges of finished requests still on their way to the store
                 await asyncio.wait_for(self.pipeline.drain_charges(), timeout=5.0)

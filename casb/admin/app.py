@@ -116,6 +116,14 @@ def create_app(runtime: Runtime) -> FastAPI:
             "rules": policy.rule_count,
             "state": state,
         }
+        if runtime.stream is not None:  # not a readiness condition either
+            st = runtime.stream
+            body["audit_stream"] = {
+                "connected": st.connected,
+                "lag": st.lag,
+                "last_error": st.last_error,
+                "replica_key": st.replica_key,
+            }
         if runtime.forwarder is not None:
             # not a readiness condition: the local audit log is the spool
             fwd = runtime.forwarder

@@ -35,6 +35,9 @@ harmless (the hash tells it apart), a gap is neither. If the audit log is replac
 running (rename + new file), the old file is delivered to its end first, then the new one
 from its start.
 
+Reading the log (whole lines, replacement, parsing a record's seq and hash) is tail.py,
+shared with the Redis audit stream shipper (stream.py).
+
 Nothing here logs or reports record contents: only seq numbers, offsets and errors.
 """
 
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -57,8 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from casb.audit.chain import GENESIS_HASH
 from casb.audit.syslog import octet_frame
+from casb.audit.tail import START, AuditFile, BadRecord, Cursor, parse_record
 from casb.config import SyslogSink
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,6 @@ CONFIRM_TIMEOUT = 5.0  # for the collector to close its side after our end of st
 POLL_INTERVAL = 1.0  # the file is checked at least this often, notify() or not
 BATCH_RECORDS = 500
 BATCH_BYTES = 1 << 20
-_READ_CHUNK = 256 * 1024
-_TAIL_CHUNK = 64 * 1024
 _MAX_ERROR = 200
 
 MessageFormatter = Callable[[dict[str, Any]], bytes | None]
@@ -82,61 +82,6 @@ class ForwarderError(Exception):
 
 class _Unconfirmed(Exception):
     """The collector did not confirm a session: its records are sent again."""
-
-
-class _BadRecord(Exception):
-    """A line of the audit log is not a chain record (the message names no content)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """A record's place in the audit log: its seq and hash, and the byte offsets of its
-    line (start, end: end is just past the newline)."""
-
-    seq: int
-    hash: str
-    start: int
-    end: int
-
-    def to_json(self) -> bytes:
-        body = {"seq": self.seq, "hash": self.hash, "start": self.start, "end": self.end}
-        return json.dumps(body, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Cursor:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        seq, start, end = (_count(data.get(k)) for k in ("seq", "start", "end"))
-        digest = data.get("hash")
-        if not isinstance(digest, str) or start > end:
-            raise ValueError("bad hash or offsets")
-        return cls(seq, digest, start, end)
-
-
-def _count(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError("seq, start and end must be non-negative integers")
-    return value
-
-
-START = Cursor(0, GENESIS_HASH, 0, 0)  # nothing delivered: the beginning of the file
-
-
-def parse_record(line: bytes) -> dict[str, Any]:
-    """One JSONL line as a chain record; _BadRecord (naming no content) if it is not one."""
-    try:
-        record = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise _BadRecord("not valid JSON") from None
-    if not isinstance(record, dict):
-        raise _BadRecord("not a JSON object")
-    seq = record.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise _BadRecord("no positive integer seq")
-    if not isinstance(record.get("hash"), str):
-        raise _BadRecord("no hash")
-    return record
 
 
 def tls_context(sink: SyslogSink) -> ssl.SSLContext:
@@ -190,91 +135,6 @@ def _save_cursor(path: Path, cursor: Cursor) -> None:
             os.close(dfd)
 
 
-class _AuditFile:
-    """Reads whole lines of the audit log from a byte offset; a partial last line waits
-    until its newline is written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-        self._pos = 0  # file offset of the next unread line
-        self._buf = b""  # bytes read from the file; _buf[_at] is at file offset _pos
-        self._at = 0
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd >= 0
-
-    @property
-    def pos(self) -> int:
-        """The offset of the next line next_line() returns."""
-        return self._pos
-
-    def open(self) -> bool:
-        if self._fd < 0:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                return False
-            self.seek(0)
-        return True
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def seek(self, offset: int) -> None:
-        self._pos, self._buf, self._at = offset, b"", 0
-
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def next_line(self) -> tuple[int, bytes] | None:
-        """(start offset, line with its newline), or None until a whole line is there."""
-        while True:
-            nl = self._buf.find(b"\n", self._at)
-            if nl >= 0:
-                start, line = self._pos, self._buf[self._at : nl + 1]
-                self._pos, self._at = start + len(line), nl + 1
-                return start, line
-            pending = self._buf[self._at :]
-            more = os.pread(self._fd, _READ_CHUNK, self._pos + len(pending))
-            if not more:
-                return None
-            self._buf, self._at = pending + more, 0
-
-    def read_at(self, start: int, end: int) -> bytes:
-        return os.pread(self._fd, end - start, start)
-
-    def replaced(self) -> bool:
-        """Whether the path now names another file than the one open (rotation)."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False  # moved away, no new file yet: keep reading the old one
-        mine = os.fstat(self._fd)
-        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
-
-    def last_seq(self, size: int) -> int | None:
-        """The seq of the last whole line (for `lag`), reading backwards from the end."""
-        pos, tail = size, b""
-        while pos > 0:
-            step = min(_TAIL_CHUNK, pos)
-            pos -= step
-            tail = os.pread(self._fd, step, pos) + tail
-            end = tail.rfind(b"\n")
-            if end >= 0 and (pos == 0 or tail.rfind(b"\n", 0, end) >= 0):
-                break
-        end = tail.rfind(b"\n")
-        if end < 0:
-            return None
-        try:
-            return int(parse_record(tail[tail.rfind(b"\n", 0, end) + 1 : end + 1])["seq"])
-        except _BadRecord:
-            return None
-
-
 @dataclass(frozen=True, slots=True)
 class _Entry:
     at: Cursor
@@ -308,7 +168,7 @@ class AuditForwarder:
         self._retry_initial, self._retry_max = retry_initial, retry_max
         self._session_records, self._session_seconds = session_records, session_seconds
         self._linger = linger
-        self._file = _AuditFile(audit_path)
+        self._file = AuditFile(audit_path)
         self._cursor = START  # last confirmed record
         self._sent_seq = 0  # last record handed to a connection
         self._parsed_seq = 0  # last record read from the file
@@ -483,7 +343,7 @@ class AuditForwarder:
             return None
         try:
             record = parse_record(line)
-        except _BadRecord:
+        except BadRecord:
             return None
         return saved if (record["seq"], record["hash"]) == (saved.seq, saved.hash) else None
 
@@ -494,7 +354,7 @@ class AuditForwarder:
             start, line = item
             try:
                 record = parse_record(line)
-            except _BadRecord:
+            except BadRecord:
                 return None
             if record["seq"] >= saved.seq:
                 if (record["seq"], record["hash"]) != (saved.seq, saved.hash):
@@ -540,8 +400,7 @@ class AuditForwarder:
 
     def _restart_file(self, *, reopen: bool) -> None:
         if reopen:
-            self._file.close()
-            self._file.open()
+            self._file.reopen()
         self._file.seek(0)
         self._ahead.clear()
         self._ahead_bytes = 0
@@ -562,7 +421,7 @@ class AuditForwarder:
             start, line = item
             try:
                 entry = self._entry(start, line)
-            except _BadRecord as exc:
+            except BadRecord as exc:
                 self._file.seek(start)  # stay on the bad line: nothing after it is sent
                 self._blocked_error = f"forwarding halted at byte {start} of the audit log: {exc}"
                 log.error(
@@ -582,16 +441,16 @@ class AuditForwarder:
         record = parse_record(line)
         seq = record["seq"]
         if seq <= self._parsed_seq:
-            raise _BadRecord(f"seq {seq} does not follow seq {self._parsed_seq}")
+            raise BadRecord(f"seq {seq} does not follow seq {self._parsed_seq}")
         at = Cursor(seq, record["hash"], start, start + len(line))
         try:
             message = self._format(record)
         except Exception as exc:  # the formatter's message could quote the record
-            raise _BadRecord(f"format_message failed on seq {seq}: {type(exc).__name__}") from None
+            raise BadRecord(f"format_message failed on seq {seq}: {type(exc).__name__}") from None
         if message is None:
             return _Entry(at, None)
         if not message:
-            raise _BadRecord(f"format_message returned an empty message for seq {seq}")
+            raise BadRecord(f"format_message returned an empty message for seq {seq}")
         return _Entry(at, octet_frame(message))
 
     def _take_batch(self) -> list[_Entry]:
