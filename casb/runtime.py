@@ -223,7 +223,12 @@ class Runtime:
             pipeline.audit_event("policy_change", policy_record(pipeline, settings, "loaded"))
             s = settings.state
             pipeline.revocation = RevocationChecker(
-                state, degraded_mode=s.degraded_mode, timeout_seconds=s.timeout_seconds
+                state,
+                degraded_mode=s.degraded_mode,
+                timeout_seconds=s.timeout_seconds,
+                # half a second: a revocation is enforced everywhere within a second,
+                # with room for the store's and the request's own latency
+                cache_seconds=0.5,
             )
             if settings.limits.rate:
                 pipeline.rate_limiter = RateLimiter(
