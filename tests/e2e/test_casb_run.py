@@ -214,3 +214,59 @@ def test_token_mint_refuses_outside_dev(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "dev signing key" in res.stderr
+
+
+def test_casb_run_with_redis_reports_a_redis_outage_as_degraded(tmp_path: Path) -> None:
+    """`casb run` against its own redis-server: ready with the store up; with the store
+    killed it keeps answering /readyz (200, "degraded": every replica at once must not
+    leave the Service) while requests are refused 503 state_unavailable (fail closed)."""
+    from tests.support.redis_server import RedisServer
+
+    proxy_port, admin_port = free_port(), free_port()
+    with RedisServer(tmp_path / "redis") as redis:
+        config = {
+            "environment": "dev",
+            "state_dir": str(tmp_path / "state"),
+            "listeners": [
+                {
+                    "mode": "reverse",
+                    "host": "127.0.0.1",
+                    "port": proxy_port,
+                    "allow_plaintext": True,
+                }
+            ],
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "destinations": {
+                "pacs": {"upstream": "http://127.0.0.1:9/dicom-web", "allow_plaintext": True},
+                "research": {"upstream": "http://127.0.0.1:9/dicom-web", "allow_plaintext": True},
+            },
+            "policy": {"paths": [str(REPO / "policies" / "hospital.yaml")]},
+            "audit": {"path": str(tmp_path / "audit.jsonl")},
+            "state": {"url": redis.url, "policy_poll_seconds": 0.2},
+        }
+        cfg = tmp_path / "casb.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        admin = f"http://127.0.0.1:{admin_port}"
+        proc = Process([str(CASB), "run", "--config", str(cfg)], log_path=tmp_path / "run.log")
+        try:
+            proc.wait_until(
+                lambda: port_open(proxy_port) and port_open(admin_port), timeout=30, what="casb run"
+            )
+            ready = httpx.get(f"{admin}/readyz").json()
+            assert ready["status"] == "ready", ready
+            assert ready["state"]["backend"] == "redis" and not ready["state"]["degraded"]
+            token = mint(cfg, "--sub", "frank", "--role", "radiologist")
+            redis.kill()
+
+            def degraded() -> bool:
+                body = httpx.get(f"{admin}/readyz")
+                return body.status_code == 200 and body.json()["status"] == "degraded"
+
+            proc.wait_until(degraded, timeout=10, what="/readyz to report degraded")
+            r = httpx.get(
+                f"http://127.0.0.1:{proxy_port}/pacs/studies",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 503 and r.json()["error"] == "state_unavailable"
+        finally:
+            proc.stop()
