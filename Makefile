@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dlp.py
 	$(BIN)/python bench/upload_stream.py
 	$(BIN)/python bench/envelope.py
+	$(BIN)/python bench/state.py
 
 # A local Orthanc with the DICOMweb plugin on :8042, for the README walkthrough
 # (needs the Debian packages orthanc and orthanc-dicomweb).

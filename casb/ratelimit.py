@@ -258,9 +258,9 @@ class RateLimiter:
             consumed: Consumed | None = None
             if not degraded:  # once the store failed, do not wait for it again
                 try:
-                    consumed = await asyncio.wait_for(
-                        self.store.consume(c.key, amount, limit, c.window_seconds), self._timeout
-                    )
+                    # asyncio.timeout: no extra task per call, unlike wait_for
+                    async with asyncio.timeout(self._timeout):
+                        consumed = await self.store.consume(c.key, amount, limit, c.window_seconds)
                 except (StateUnavailable, TimeoutError) as exc:
                     if self.degraded_mode != "cached":
                         if isinstance(exc, StateUnavailable):
@@ -305,9 +305,8 @@ class RateLimiter:
                     items.popleft()  # its window is over: nothing left to charge
                     continue
                 try:
-                    await asyncio.wait_for(
-                        self.store.charge(p.key, p.amount, p.window_seconds), self._timeout
-                    )
+                    async with asyncio.timeout(self._timeout):
+                        await self.store.charge(p.key, p.amount, p.window_seconds)
                 except (StateUnavailable, TimeoutError):
                     return
                 except Exception as exc:  # never fail the request over accounting
