@@ -23,7 +23,7 @@ exception):
   probe instance, its stdout to a file, checks once that the same settings do print
   the spans and metrics of a request.
 * ``casb+otlp``: the same, with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set to a local OTLP/HTTP
-  receiver (``bench/otlp_sink.py``, its own process; it decodes and counts what
+  receiver (``bench/support/otlp_sink.py``, its own process; it decodes and counts what
   arrives): http/protobuf, the SDK's default BatchSpanProcessor settings.
   Both telemetry variants export metrics every ``--metric-interval-ms`` (default
   5000, instead of the SDK's 60 s, so the metric export is inside the measured runs).
@@ -92,7 +92,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from otlp_sink import SinkProcess
+    from support.otlp_sink import SinkProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
@@ -619,7 +619,7 @@ class Rig:
 
         self.jwks_path, self.token = make_identity(self.workdir)
         if "casb+otlp" in self.variants:
-            from otlp_sink import SinkProcess
+            from support.otlp_sink import SinkProcess
 
             try:
                 self.sink = SinkProcess(free_port(), self.workdir / "otlp_sink.log").start()
@@ -1175,7 +1175,7 @@ def telemetry_notes(meta: dict[str, Any]) -> list[str]:
             f"- casb+otlp: `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT` "
             f"(http/protobuf, default batch settings), "
             f"`OTEL_METRIC_EXPORT_INTERVAL={meta['config']['metric_interval_ms']}`, to "
-            "`bench/otlp_sink.py` in its own process (it decodes every export with "
+            "`bench/support/otlp_sink.py` in its own process (it decodes every export with "
             "opentelemetry-proto and counts it). After every run the bench waited until "
             "the receiver held one SERVER span per request sent; the spans counted per "
             "run are in the tables' export lines.",

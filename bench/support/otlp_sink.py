@@ -1,6 +1,6 @@
 """A minimal OTLP/HTTP receiver for benchmarks: it takes what casb exports and counts it.
 
-Run: ``.venv/bin/python bench/otlp_sink.py [--port 4318]`` (``bench/proxy_overhead.py``
+Run: ``.venv/bin/python bench/support/otlp_sink.py [--port 4318]`` (``bench/proxy_overhead.py``
 starts it itself for its ``casb+otlp`` variant). It runs in its own process, so decoding
 the exports shares no GIL with the proxy or the load generator it is measured against.
 
