@@ -228,7 +228,12 @@ class PolicyDistributor:
             return
         meta, bundle = found
         self._store_seen = meta.version
-        about: dict[str, Any] = {"author": meta.author, "comment": meta.comment}
+        about: dict[str, Any] = {
+            "author": meta.author,  # who published the version
+            "comment": meta.comment,
+            "activated_by": meta.activated_by,  # who made it current (publish or rollback)
+            "activation_comment": meta.activation_comment,
+        }
         if bundle.version == self.active_version:  # e.g. a rollback to what serves
             self._source, self._rejected = "store", None
             return

@@ -176,6 +176,7 @@ class MemoryState:
         self._lock = threading.Lock()
         self._policies: dict[str, _Stored] = {}
         self._current: str | None = None
+        self._activation: tuple[str, float, str] = ("", 0.0, "")  # who made it current
         self._subscribers: weakref.WeakSet[PolicyNotifications] = weakref.WeakSet()
         self._revoked_jti: dict[str, float] = {}  # jti -> expires_at
         self._revoked_sub: dict[str, tuple[float, float]] = {}  # hash -> (before, expires)
@@ -214,8 +215,9 @@ class MemoryState:
                 )
                 self._policies[bundle.version] = stored
             self._current = bundle.version
+            self._activation = (author, self._clock(), comment)
         self._notify(bundle.version)
-        return replace(stored.meta, current=True)
+        return self._as_current(stored.meta)
 
     async def set_current_policy(
         self, version: str, *, author: str, comment: str = ""
@@ -226,15 +228,22 @@ class MemoryState:
             if stored is None:
                 raise StateConflict("no such policy version in the store")
             self._current = version
+            self._activation = (author, self._clock(), comment)
         self._notify(version)
-        return replace(stored.meta, current=True)
+        return self._as_current(stored.meta)
 
     async def current_policy(self) -> tuple[PolicyVersion, PolicyBundle] | None:
         with self._lock:
             if self._current is None:
                 return None
             stored = self._policies[self._current]
-        return replace(stored.meta, current=True), stored.bundle
+            return self._as_current(stored.meta), stored.bundle
+
+    def _as_current(self, meta: PolicyVersion) -> PolicyVersion:
+        by, at, comment = self._activation
+        return replace(
+            meta, current=True, activated_by=by, activated_at=at, activation_comment=comment
+        )
 
     async def current_policy_version(self) -> str | None:
         return self._current

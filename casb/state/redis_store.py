@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import ssl
@@ -78,6 +79,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('EXISTS', KEYS[3]) == 0 then
   return false
 end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[4], 'version', ARGV[1], 'by', ARGV[3], 'at', ARGV[4], 'comment', ARGV[5])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return redis.call('HGETALL', KEYS[2])
 """
@@ -148,6 +150,7 @@ class _Keys:
         self.prefix = prefix
         self.versions = f"{prefix}:policy:versions"
         self.current = f"{prefix}:policy:current"
+        self.activation = f"{prefix}:policy:activation"  # who made `current` current
         self.channel = f"{prefix}:policy:changed"
         self.stream = f"{prefix}:audit:{stream}"
 
@@ -306,6 +309,8 @@ class RedisState:
                 pipe.hsetnx(k.meta(v), "comment", comment)
                 pipe.zadd(k.versions, {v: now}, nx=True)
                 pipe.set(k.current, v)
+                activation = {"version": v, "by": author, "at": repr(now), "comment": comment}
+                pipe.hset(k.activation, mapping=activation)  # type: ignore[arg-type]
                 pipe.publish(k.channel, v)
                 pipe.hgetall(k.meta(v))
                 results = await pipe.execute()
@@ -313,28 +318,33 @@ class RedisState:
             return meta
 
         meta = await self._run("publish_policy", op, admin=True)
-        return _policy_version(v, meta, current=True)
+        return _activated(_policy_version(v, meta, current=True), author, now, comment)
 
     async def set_current_policy(
         self, version: str, *, author: str, comment: str = ""
     ) -> PolicyVersion:
         check_version(version)
-        k = self._keys
+        k, now = self._keys, time.time()
         found = await self._run(
             "set_current_policy",
             lambda: self._set_current(
-                keys=[k.current, k.meta(version), k.bundle(version)], args=[version, k.channel]
+                keys=[k.current, k.meta(version), k.bundle(version), k.activation],
+                args=[version, k.channel, author, repr(now), comment],
             ),
             admin=True,
         )
         if not found:
             raise StateConflict("no such policy version in the store")
-        return _policy_version(version, _pairs(found), current=True)
+        return _activated(
+            _policy_version(version, _pairs(found), current=True), author, now, comment
+        )
 
     async def current_policy(self) -> tuple[PolicyVersion, PolicyBundle] | None:
         k = self._keys
 
-        async def op() -> tuple[str, dict[bytes, bytes], dict[bytes, bytes]] | None:
+        async def op() -> (
+            tuple[str, dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]] | None
+        ):
             raw = await self._client.get(k.current)
             if raw is None:
                 return None
@@ -342,20 +352,29 @@ class RedisState:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(k.meta(version))
                 pipe.hgetall(k.bundle(version))
-                meta, files = await pipe.execute()
-            return version, meta, files
+                pipe.hgetall(k.activation)
+                meta, files, activation = await pipe.execute()
+            return version, meta, files, activation
 
         found = await self._run("current_policy", op, admin=True)
         if found is None:
             return None
-        version, meta, files = found
+        version, meta, files, activation = found
         if not meta or not files:
             raise StateUnavailable("redis current_policy: the current version has no bundle")
         bundle = PolicyBundle(
             files={name.decode(): text.decode() for name, text in files.items()},
             version=version,
         )
-        return _policy_version(version, meta, current=True), bundle
+        current = _policy_version(version, meta, current=True)
+        if activation.get(b"version", b"").decode() == version:
+            current = _activated(
+                current,
+                activation.get(b"by", b"").decode(),
+                float(activation.get(b"at", b"0")),
+                activation.get(b"comment", b"").decode(),
+            )
+        return current, bundle
 
     async def current_policy_version(self) -> str | None:
         raw = await self._run(
@@ -502,6 +521,10 @@ def _ms(epoch_seconds: float) -> int:
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     """HGETALL's reply from a script (a flat list) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _activated(meta: PolicyVersion, by: str, at: float, comment: str) -> PolicyVersion:
+    return dataclasses.replace(meta, activated_by=by, activated_at=at, activation_comment=comment)
 
 
 def _policy_version(version: str, meta: Mapping[bytes, bytes], *, current: bool) -> PolicyVersion:

@@ -46,6 +46,11 @@ class PolicyVersion:
     published_at: float  # epoch seconds
     comment: str = ""
     current: bool = False
+    # Who last made this version current (a publish, or a rollback to it), when, and why:
+    # filled in by current_policy() / publish_policy() / set_current_policy().
+    activated_by: str = ""
+    activated_at: float = 0.0
+    activation_comment: str = ""
 
 
 @dataclass(frozen=True, slots=True)

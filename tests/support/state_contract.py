@@ -151,8 +151,22 @@ async def check_rollback_and_unknown_version(h: Harness) -> None:
     rolled = await s.set_current_policy(a.version, author="carol", comment="rollback")
     assert rolled.version == a.version and rolled.current and rolled.author == "alice"
     assert await s.current_policy_version() == a.version
+    assert (rolled.activated_by, rolled.activation_comment) == ("carol", "rollback")
     current = await s.current_policy()
     assert current is not None and dict(current[1].files) == dict(a.files)
+    # who made it current is kept (the audit of the change names the rollback's author)
+    meta = current[0]
+    assert (meta.author, meta.activated_by, meta.activation_comment) == (
+        "alice",
+        "carol",
+        "rollback",
+    )
+    assert meta.activated_at >= meta.published_at
+    republished = await s.publish_policy(b, author="dave", comment="again")
+    assert (republished.author, republished.activated_by) == ("bob", "dave")
+    current = await s.current_policy()
+    assert current is not None and current[0].activated_by == "dave"
+    await s.set_current_policy(a.version, author="carol", comment="rollback")
     with pytest.raises(StateConflict):
         await s.set_current_policy(bundle("never published\n").version, author="eve")
     assert await s.current_policy_version() == a.version

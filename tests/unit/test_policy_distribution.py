@@ -213,6 +213,8 @@ async def test_a_published_policy_is_enforced_at_once_on_its_notification(
         "rules": 1,
         "author": "alice",
         "comment": "search only",
+        "activated_by": "alice",
+        "activation_comment": "search only",
         "source": "store",
     }
     assert metrics.points("casb.policy.active") == [({"casb.policy_version": bundle.version}, 1)]
@@ -337,6 +339,12 @@ async def test_rollback_swaps_back_and_is_audited(tmp_path: Path, key: TestKey) 
         "activated",
         v1.version,
         v2.version,
+    )
+    # the record names who rolled back, and why, not only who published v1
+    assert (last["author"], last["activated_by"], last["activation_comment"]) == (
+        "alice",
+        "bob",
+        "v2 broke reads",
     )
 
 
