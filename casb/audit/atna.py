@@ -441,8 +441,8 @@ def _query_objects(record: Mapping[str, Any]) -> tuple[ParticipantObject, ...]:
 def _policy_event(record: Mapping[str, Any], source_id: str) -> AuditEvent:
     """A policy load or reload (runtime.policy_record). Fields read: event ("loaded",
     "reloaded"; "rejected"/"failed"/"error" = not applied; "outcome" is read the same
-    way), policy_version, files, error, reasons, and principal/client when an admin made
-    the change."""
+    way), policy_version, files, error, reasons, principal/client when an admin made
+    the change, and activated_by when a publish or rollback through the state store did."""
     time = event_time(record)
     principal = _mapping(record.get("principal"))
     client = _mapping(record.get("client"))
@@ -456,6 +456,11 @@ def _policy_event(record: Mapping[str, Any], source_id: str) -> AuditEvent:
     if principal is not None or client is not None:
         participants = (
             _requestor(principal, client),
+            Participant(source_id, False, (APPLICATION,)),
+        )
+    elif _str(record.get("activated_by")):  # published or rolled back via the store
+        participants = (
+            Participant(str(record["activated_by"]), True, ()),
             Participant(source_id, False, (APPLICATION,)),
         )
     else:  # the proxy reloaded a changed policy file by itself

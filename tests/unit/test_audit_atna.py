@@ -666,3 +666,22 @@ def test_issue_7_refusals_map_to_login_failure_or_operational_outcomes() -> None
     for code, status in (("rate_limited", 429), ("state_unavailable", 503)):
         root = msg(request(decision="deny", error=code, status=status))
         assert root.find("EventIdentification/EventID").get("csd-code") != "110113", code
+
+
+def test_a_store_activation_names_who_made_the_policy_current() -> None:
+    record = {
+        "type": "policy_change",
+        "time": "2026-11-25T10:00:00.000Z",
+        "event": "activated",
+        "policy_version": "sha256:" + "a" * 64,
+        "author": "alice",
+        "activated_by": "bob",
+        "activation_comment": "rollback",
+    }
+    root = ET.fromstring(audit_message(record, source_id="casb") or b"")
+    requestors = [
+        p.get("UserID")
+        for p in root.iter("ActiveParticipant")
+        if p.get("UserIsRequestor") == "true"
+    ]
+    assert requestors == ["bob"]
