@@ -1177,15 +1177,22 @@ class CasbAddon:
             tx.reasons = (*tx.reasons, reason)
         if tx.dlp is not None and upload is not None:
             record_stream(tx.dlp, upload)  # once; e.g. the flow failed before `response`
+        audit = self.runtime.pipeline.audit
+        was_healthy = audit is not None and audit.healthy
         try:
             self.runtime.pipeline.finish(
                 tx, status=status, bytes_in=bytes_in, bytes_out=bytes_out, error=error
             )
             return True
         except AuditError as exc:
-            # No access without an audit record: withhold the response.
-            log.error(
-                "audit write failed, response withheld (request_id=%s): %s", tx.request_id, exc
+            # No access without an audit record: withhold the response. The first failure
+            # is an error; while the outage lasts each refused request is a warning (an
+            # error logged while mitmdump starts would also make it exit, at random).
+            log.log(
+                logging.ERROR if was_healthy else logging.WARNING,
+                "audit write failed, response withheld (request_id=%s): %s",
+                tx.request_id,
+                exc,
             )
             if streamed:
                 flow.kill()
