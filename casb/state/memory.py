@@ -16,10 +16,7 @@ notifications reach each iterator on its own event loop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import math
-import re
 import threading
 import time
 import weakref
@@ -35,11 +32,15 @@ from casb.state.store import (
     StateConflict,
     StoreHealth,
     StreamEntry,
+    check_append,
+    check_bundle,
+    check_consume,
+    check_times,
+    check_version,
+    subject_key,
 )
 
 Clock = Callable[[], float]
-
-_VERSION = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 # Notifications an iterator holds while its reader is busy; older ones are dropped
 # (only the newest matters: the reader swaps to the current version and polls anyway).
@@ -55,49 +56,6 @@ class AuditStreamRecord:
     seq: int
     hash: str
     line: bytes
-
-
-# -- argument rules every backend applies (ValueError: a caller's bug, not the store's) --
-def check_version(version: str) -> None:
-    if not _VERSION.match(version):
-        raise ValueError("a policy version is 'sha256:' and 64 lower-case hex digits")
-
-
-def check_bundle(bundle: PolicyBundle) -> None:
-    check_version(bundle.version)
-    if not bundle.files:
-        raise ValueError("a policy bundle needs at least one file")
-    if any(not isinstance(n, str) or not n for n in bundle.files):
-        raise ValueError("policy bundle file names must be non-empty strings")
-    if any(not isinstance(t, str) for t in bundle.files.values()):
-        raise ValueError("policy bundle files must be text")
-
-
-def check_consume(amount: int, window_seconds: int, limit: int = 0) -> None:
-    if amount < 0 or limit < 0:
-        raise ValueError("rate-limit amounts and limits cannot be negative")
-    if window_seconds < 1:
-        raise ValueError("a rate-limit window is at least one second")
-
-
-def check_times(*epoch_seconds: float) -> None:
-    if not all(math.isfinite(t) for t in epoch_seconds):
-        raise ValueError("revocation times must be finite epoch seconds")
-
-
-def check_append(replica: str, entries: Sequence[StreamEntry], max_len: int) -> None:
-    if not replica:
-        raise ValueError("the audit stream needs a replica name")
-    if max_len < 1:
-        raise ValueError("the audit stream max_len must be positive")
-    seqs = [e.seq for e in entries]
-    if any(s < 1 for s in seqs) or any(b <= a for a, b in itertools.pairwise(seqs)):
-        raise ValueError("audit stream entries must have positive, strictly increasing seq")
-
-
-def subject_key(subject: str) -> str:
-    """Subjects are identifiers: stores key them by hash (the Redis backend does too)."""
-    return hashlib.sha256(subject.encode("utf-8")).hexdigest()
 
 
 class PolicyNotifications:

@@ -44,14 +44,6 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from casb.state.memory import (
-    check_append,
-    check_bundle,
-    check_consume,
-    check_times,
-    check_version,
-    subject_key,
-)
 from casb.state.redis_url import RedisTarget
 from casb.state.store import (
     Consumed,
@@ -62,6 +54,12 @@ from casb.state.store import (
     StateUnavailable,
     StoreHealth,
     StreamEntry,
+    check_append,
+    check_bundle,
+    check_consume,
+    check_times,
+    check_version,
+    subject_key,
 )
 
 log = logging.getLogger("casb.state")

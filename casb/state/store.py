@@ -17,9 +17,15 @@ What is shared:
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import math
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+_VERSION = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class StateUnavailable(Exception):
@@ -164,3 +170,46 @@ class StateStore(Protocol):
         ...
 
     async def audit_cursor(self, replica: str) -> int: ...
+
+
+# -- argument rules every backend applies (ValueError: a caller's bug, not the store's) --
+def check_version(version: str) -> None:
+    if not _VERSION.match(version):
+        raise ValueError("a policy version is 'sha256:' and 64 lower-case hex digits")
+
+
+def check_bundle(bundle: PolicyBundle) -> None:
+    check_version(bundle.version)
+    if not bundle.files:
+        raise ValueError("a policy bundle needs at least one file")
+    if any(not isinstance(n, str) or not n for n in bundle.files):
+        raise ValueError("policy bundle file names must be non-empty strings")
+    if any(not isinstance(t, str) for t in bundle.files.values()):
+        raise ValueError("policy bundle files must be text")
+
+
+def check_consume(amount: int, window_seconds: int, limit: int = 0) -> None:
+    if amount < 0 or limit < 0:
+        raise ValueError("rate-limit amounts and limits cannot be negative")
+    if window_seconds < 1:
+        raise ValueError("a rate-limit window is at least one second")
+
+
+def check_times(*epoch_seconds: float) -> None:
+    if not all(math.isfinite(t) for t in epoch_seconds):
+        raise ValueError("revocation times must be finite epoch seconds")
+
+
+def check_append(replica: str, entries: Sequence[StreamEntry], max_len: int) -> None:
+    if not replica:
+        raise ValueError("the audit stream needs a replica name")
+    if max_len < 1:
+        raise ValueError("the audit stream max_len must be positive")
+    seqs = [e.seq for e in entries]
+    if any(s < 1 for s in seqs) or any(b <= a for a, b in itertools.pairwise(seqs)):
+        raise ValueError("audit stream entries must have positive, strictly increasing seq")
+
+
+def subject_key(subject: str) -> str:
+    """Subjects are identifiers: stores key them by hash (the Redis backend does too)."""
+    return hashlib.sha256(subject.encode("utf-8")).hexdigest()
