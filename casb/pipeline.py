@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -61,13 +60,12 @@ from casb.policy.loader import DLP_OBLIGATIONS
 from casb.ratelimit import Admission, RateLimiter
 from casb.routing import Route, Router
 from casb.state.store import StateUnavailable
-from casb.telemetry import Telemetry
+from casb.telemetry import Telemetry, client_trace_id
 
 if TYPE_CHECKING:
     from casb.dlp.inspector import Inspector
 
 log = logging.getLogger("casb")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 # Obligations the enforcement side can carry out. A decision that carries any other
 # obligation is refused (fail closed). DLP adds "deidentify" and "mask_attributes".
 ENFORCEABLE_OBLIGATIONS: frozenset[str] = frozenset(DLP_OBLIGATIONS)
@@ -176,9 +174,10 @@ class Pipeline:
 
     async def decide(self, req: IncomingRequest) -> Transaction:
         tx = new_transaction(req.method, req.client_ip)
-        tx.trace_id = _trace_id(req.headers)
         # tracing: our trace id (the client's, continued); the scheme of the client's leg
         self.telemetry.begin(tx, req.headers, "https" if req.client_tls else "http")
+        if tx.trace_id is None:  # not tracing: the audit record keeps the client's
+            tx.trace_id = client_trace_id(req.headers)
         await run_checks(tx, self._decide(req, tx))
         outcome = tx.outcome
         if isinstance(outcome, Forward) and outcome.dlp is not None and tx.trace is not None:
@@ -693,12 +692,3 @@ def _denial(step_up: bool, reasons: Sequence[str]) -> Refusal:
         )
         return Refusal(401, "mfa_required", message, (("WWW-Authenticate", challenge),))
     return Refusal(403, "forbidden", message)
-
-
-def _trace_id(headers: Sequence[tuple[str, str]]) -> str | None:
-    for name, value in headers:
-        if name.lower() == "traceparent":
-            m = _TRACEPARENT.match(value.strip())
-            if m and m.group(1) != "0" * 32:
-                return m.group(1)
-    return None

@@ -609,6 +609,16 @@ _KNOWN_METHODS = frozenset(
 )
 
 
+def client_trace_id(headers: Sequence[tuple[str, str]]) -> str | None:
+    """The trace id of the client's W3C `traceparent` (hex), or None when it has none
+    that is valid: for the audit record when tracing is off (begin() sets it when on)."""
+    carrier = _trace_headers(headers)
+    if not carrier:
+        return None
+    ctx = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
 def _trace_headers(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
     """traceparent / tracestate for the propagator; a repeated traceparent is invalid
     (W3C Trace Context §3.2: more than one means none)."""
@@ -630,6 +640,7 @@ __all__ = [
     "RequestTrace",
     "Telemetry",
     "TelemetryError",
+    "client_trace_id",
     "export_choice",
     "load_pseudonym_key",
     "pseudonym",

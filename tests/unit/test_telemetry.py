@@ -245,3 +245,18 @@ def test_pseudonyms_are_keyed_and_stable() -> None:
     assert a != pseudonym(b"other-key-0123456789", "iss", "alice")
     assert a != pseudonym(KEY, "other-iss", "alice")
     assert len(a) == 18 and "alice" not in a
+
+
+def test_the_clients_trace_id_follows_w3c_trace_context() -> None:
+    from casb.telemetry import client_trace_id
+
+    good = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    assert client_trace_id([("TraceParent", good)]) == CLIENT_TRACE
+    for headers in (
+        [],
+        [("traceparent", "garbage")],
+        [("traceparent", f"00-{'0' * 32}-{CLIENT_SPAN}-01")],  # all-zero trace id
+        [("traceparent", f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01")],  # forbidden version
+        [("traceparent", good), ("traceparent", good)],  # repeated: none (W3C 3.2)
+    ):
+        assert client_trace_id(headers) is None, headers
