@@ -467,7 +467,16 @@ class Telemetry:
     # -- the end of a request --------------------------------------------------------
     def finished(self, tx: Transaction, record: Mapping[str, Any], audited: bool) -> None:
         """The request's audit record was built (and written, if `audited`): close its
-        spans and count it. Attributes come from the record, which holds no PHI."""
+        spans and count it. Attributes come from the record, which holds no PHI.
+
+        Never raises: it runs after the record is written, and a telemetry failure must
+        not change the response the record describes."""
+        try:
+            self._finished(tx, record, audited)
+        except Exception as exc:
+            log.warning("telemetry for a finished request failed: %s", type(exc).__name__)
+
+    def _finished(self, tx: Transaction, record: Mapping[str, Any], audited: bool) -> None:
         if tx.trace is not None and tx.trace.upstream_started:
             self.upstream_finished(tx, None)
         status = int(record.get("status") or 0)

@@ -260,3 +260,21 @@ def test_the_clients_trace_id_follows_w3c_trace_context() -> None:
         [("traceparent", good), ("traceparent", good)],  # repeated: none (W3C 3.2)
     ):
         assert client_trace_id(headers) is None, headers
+
+
+async def test_a_telemetry_failure_never_reaches_the_request(tmp_path: Path, key: TestKey) -> None:
+    """finish() runs after the audit record is written: an exporter or instrument that
+    raises must not turn into an error for a request the record says was answered."""
+    rt = make_runtime(tmp_path, key)
+    cap = Captured(rt)
+
+    class Broken:
+        def add(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("instrument broke")
+
+    assert cap.telemetry._metrics is not None
+    cap.telemetry._metrics.requests = Broken()  # type: ignore[assignment]
+    tx = await rt.pipeline.decide(request("/pacs/studies", token(key, ["radiologist"])))
+    rt.pipeline.finish(tx, status=200)  # does not raise
+    record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert record["request_id"] == tx.request_id and record["status"] == 200
