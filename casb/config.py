@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from casb.context import Action
+
 DEFAULT_CONFIG_NAME = "casb.yaml"
 ASYMMETRIC_ALGORITHMS = (
     "RS256",
@@ -458,20 +460,13 @@ class RateLimit(_Model):
     def _check(self) -> RateLimit:
         if self.requests is None and self.bytes is None:
             raise ValueError("set requests, bytes or both")
-        unknown = sorted(set(self.actions) - _ACTIONS)
+        known = {a.value for a in Action}
+        unknown = sorted(set(self.actions) - known)
         if unknown:
             raise ValueError(
-                f"unknown action(s) {', '.join(unknown)}; known: {', '.join(sorted(_ACTIONS))}"
+                f"unknown action(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return self
-
-
-# casb.context.Action's values (config.py imports nothing of casb; a unit test holds
-# the two equal)
-_ACTIONS = frozenset(
-    {"search", "retrieve", "retrieve_metadata", "store", "delete", "list", "worklist"}
-    | {"capabilities", "unknown"}
-)
 
 
 class LimitSettings(_Model):

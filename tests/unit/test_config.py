@@ -189,10 +189,3 @@ def test_state_urls_are_checked() -> None:
         assert Settings(**base, state={"url": url}).state.url == url
     with pytest.raises(ValueError, match="must be memory://"):
         Settings(**base, state={"url": "http://redis:6379"})
-
-
-def test_rate_limit_actions_are_the_classifier_actions() -> None:
-    from casb.config import _ACTIONS
-    from casb.context import Action
-
-    assert {a.value for a in Action} == _ACTIONS
