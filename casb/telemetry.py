@@ -17,6 +17,7 @@ header, a body, an exception message or a subject.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -505,8 +506,10 @@ class Telemetry:
         if record.get("bytes_out"):
             m.bytes_out.add(int(record["bytes_out"]), flow)
         if tx.dlp is not None:
-            for f in tx.dlp.findings:
-                m.findings.add(1, {"casb.dlp.rule": f.rule, "casb.dlp.direction": tx.dlp.direction})
+            # one add per rule, not per finding (an upload can carry thousands)
+            by_rule = collections.Counter(f.rule for f in tx.dlp.findings)
+            for rule, n in by_rule.items():
+                m.findings.add(n, {"casb.dlp.rule": rule, "casb.dlp.direction": tx.dlp.direction})
         if audited:
             m.audit_records.add(1, {"type": "request"})
 
