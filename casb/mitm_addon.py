@@ -1,7 +1,8 @@
 """The mitmproxy edge: adapts flows to the pipeline and outcomes to responses. No logic.
 
 Loaded by `addons/casb.py` (`mitmdump -s addons/casb.py --set casb_config=casb.yaml`) and
-by `casb proxy` / `casb run`. The only module that imports mitmproxy.
+by `casb proxy` / `casb run`. With `mitm_tls_alerts` (a fix to mitmproxy's TLS layer)
+and `serve`, the only module that imports mitmproxy.
 
 Hooks: `requestheaders` decides before any body is forwarded (a refusal is answered by
 us; an allowed request is rewritten to the destination's upstream); `responseheaders`
@@ -31,6 +32,7 @@ from mitmproxy.net import tls as net_tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 from OpenSSL import SSL, crypto
 
+from casb import mitm_tls_alerts
 from casb.audit import AuditError
 from casb.config import ConfigError, load_settings
 from casb.dlp.enforce import (
@@ -456,6 +458,8 @@ class CasbAddon:
     # -- lifecycle -------------------------------------------------------------------
     def load(self, loader: Loader) -> None:
         logging.getLogger("mitmproxy.proxy.server").addFilter(_REDACT)
+        # an upstream's fatal TLS alert must end the request (502), not hang it
+        mitm_tls_alerts.install()
         loader.add_option(
             "casb_config",
             str,

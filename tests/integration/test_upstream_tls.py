@@ -5,7 +5,9 @@ certificate refuses a proxy that has none."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -41,18 +43,25 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
 
 class _TlsServer(http.server.ThreadingHTTPServer):
-    """Handshakes in the connection's thread and closes a connection whose handshake
-    failed at once, as real servers do. (A wrapped listening socket handshakes inside
-    accept() and leaves a failed socket open until it is garbage collected: with TLS 1.3
-    the proxy has already sent its request by then, and waits for an answer.)"""
+    """Handshakes in the connection's thread. When the handshake fails the server does
+    what a TLS 1.3 server that wants a client certificate does: its alert goes out, the
+    client (whose side of the handshake ended first) sends its request anyway, and the
+    server closes. Reading that request before closing makes the order on the wire
+    always alert, then close (closing with the request unread would send a reset, which
+    can discard the alert before the client reads it, and hide the case under test)."""
 
     context: ssl.SSLContext
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         try:
-            tls = self.context.wrap_socket(request, server_side=True)
+            tls.do_handshake()
         except (ssl.SSLError, OSError):
-            request.close()
+            raw = socket.socket(fileno=tls.detach())
+            raw.settimeout(30)
+            with contextlib.suppress(OSError):
+                raw.recv(65536)  # the request, or the end if the client gave up first
+            raw.close()
             return
         try:
             super().finish_request(tls, client_address)
@@ -156,7 +165,11 @@ def test_without_its_client_certificate_the_proxy_is_refused_by_an_mtls_upstream
         refused = httpx.get(
             f"{proxy.url}/pacs/studies", headers={"Authorization": f"Bearer {token}"}
         )
-        assert refused.status_code == 502
+        assert refused.status_code == 502  # not a hang: the alert ends the request
+        assert "certificate required" in proxy.log()
+        records = [r for r in proxy.audit_records() if r["destination"] == "pacs"]
+        assert records and records[-1]["error"] == "upstream_unreachable"
+        assert records[-1]["status"] == 502
         researcher = mint(roles=["researcher"])
         fine = httpx.get(
             f"{proxy.url}/research/studies", headers={"Authorization": f"Bearer {researcher}"}
