@@ -291,7 +291,8 @@ class Runtime:
                 await self.stream.aclose(timeout=5.0)
             try:
                 # byte charges of finished requests still on their way to the store
-                await asyncio.wait_for(self.pipeline.drain_charges(), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await self.pipeline.drain_charges()
             except (TimeoutError, StateUnavailable):
                 log.warning("rate-limit byte charges not delivered at shutdown")
             await self.state.aclose()

@@ -86,7 +86,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         so the replica reports itself degraded instead of leaving the Service."""
         store, distributor = runtime.state, runtime.policy_distributor
         try:
-            health = await asyncio.wait_for(store.ping(), timeout=state_timeout)
+            async with asyncio.timeout(state_timeout):
+                health = await store.ping()
             ok = health.ok
         except (StateUnavailable, TimeoutError):
             ok = False

@@ -183,8 +183,7 @@ class AuditStreamShipper:
             return
         self._stop.set()
         self._wake.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout))
+        await asyncio.wait({task}, timeout=max(0.0, timeout))
         if not task.done():
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -213,7 +212,8 @@ class AuditStreamShipper:
 
     async def _wait(self, event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: see distribution.py
+                await event.wait()
         event.clear()
 
     async def _back_off(self, seconds: float) -> None:

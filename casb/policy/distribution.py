@@ -47,6 +47,7 @@ log = logging.getLogger("casb.policy")
 PolicySource = Literal["files", "store"]
 _T = TypeVar("_T")
 _MAX_REASON = 2000  # characters of a refusal's reasons kept in the audit record
+CLOSE_TIMEOUT = 2.0  # seconds aclose() waits for the background loops
 
 
 def _reason(exc: BaseException) -> str:
@@ -148,12 +149,23 @@ class PolicyDistributor:
         ]
 
     async def aclose(self) -> None:
+        """Stop following changes. Bounded: shutdown goes on (to the audit log's final
+        checkpoint) even if a loop failed to stop."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if not tasks:
+            return
+        done, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("policy distribution task failed", exc_info=task.exception())
+        if stuck:
+            log.warning(
+                "policy distribution: %s did not stop within %g s",
+                ", ".join(sorted(t.get_name() for t in stuck)),
+                CLOSE_TIMEOUT,
+            )
 
     async def sync(self) -> None:
         """One check of the store (and of the files when watched); swaps the policy when
@@ -166,8 +178,11 @@ class PolicyDistributor:
     # -- background -------------------------------------------------------------------
     async def _poll_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation that stops this loop (and shutdown then waits forever)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.sync()
@@ -204,7 +219,8 @@ class PolicyDistributor:
     # -- the store --------------------------------------------------------------------
     async def _call(self, call: Coroutine[Any, Any, _T]) -> _T:
         try:
-            return await asyncio.wait_for(call, timeout=self._call_timeout)
+            async with asyncio.timeout(self._call_timeout):
+                return await call
         except TimeoutError:
             raise StateUnavailable(f"no answer within {self._call_timeout:g} s") from None
 

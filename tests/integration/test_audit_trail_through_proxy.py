@@ -420,7 +420,9 @@ def test_a_collector_that_is_down_gets_everything_once_and_in_order_when_it_is_b
         collector.start()
         wanted = {r["seq"] for r in log_records(audit_path)}
         collector.wait_for(lambda c: holds(c, wanted), timeout=DELIVERY_TIMEOUT)
-        first.stop()  # drains the sink, the final checkpoint included
+        # drains the sink, the final checkpoint included; a shutdown that hangs is
+        # killed (-9) and leaves no final checkpoint
+        assert first.stop() == 0, "mitmdump did not shut down on SIGTERM"
         lines = log_lines(audit_path)
         last = json.loads(lines[-1])
         assert last["type"] == "checkpoint"
@@ -436,7 +438,7 @@ def test_a_collector_that_is_down_gets_everything_once_and_in_order_when_it_is_b
             assert http.get("/pacs/studies").status_code == 401
         wanted = {r["seq"] for r in log_records(audit_path)}
         collector.wait_for(lambda c: holds(c, wanted), timeout=DELIVERY_TIMEOUT)
-        second.stop()
+        assert second.stop() == 0, "mitmdump did not shut down on SIGTERM"
         lines = log_lines(audit_path)
         final = json.loads(lines[-1])
         assert final["type"] == "checkpoint" and final["seq"] > last["seq"]

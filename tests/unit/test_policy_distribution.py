@@ -478,3 +478,39 @@ async def test_the_proxy_follows_the_configured_store_and_serves_when_it_is_down
         await dist.aclose()
         rt.discard()
         await rt.state.aclose()
+
+
+
+class ObservedState(MemoryState):
+    """MemoryState that tells when the distributor has just asked for the version."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+
+    async def current_policy_version(self) -> str | None:
+        self.asked.set()
+        return await super().current_policy_version()
+
+
+async def test_closing_stops_the_background_loops_even_mid_call(
+    tmp_path: Path, key: TestKey
+) -> None:
+    """aclose() lands while the poll loop waits for a store call that has just answered.
+    (On Python 3.11 `asyncio.wait_for` then returns the answer and drops the
+    cancellation: the loop went on polling and shutdown hung before the audit log's
+    final checkpoint.)"""
+    rt = build(tmp_path, key)
+    store = ObservedState()
+    dist = distributor(rt, store)
+    try:
+        await dist.start()
+        for _ in range(3):  # the poll loop's own calls, not start()'s
+            store.asked.clear()
+            await store.asked.wait()
+        await dist.aclose()  # bounded: it does not wait forever for a loop
+        assert not dist.running
+        alive = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("casb-")]
+        assert alive == [], "a loop ignored its cancellation"
+    finally:
+        rt.discard()
