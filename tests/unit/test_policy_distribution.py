@@ -480,7 +480,6 @@ async def test_the_proxy_follows_the_configured_store_and_serves_when_it_is_down
         await rt.state.aclose()
 
 
-
 class ObservedState(MemoryState):
     """MemoryState that tells when the distributor has just asked for the version."""
 
