@@ -8,7 +8,6 @@ The mitmproxy addon, the admin API and the CLI all build their parts through `Ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import socket
@@ -35,6 +34,7 @@ from casb.ratelimit import RateLimiter
 from casb.routing import Router
 from casb.state import MemoryState, StateStore, open_state
 from casb.state.store import StateUnavailable
+from casb.tasks import stop_tasks
 from casb.telemetry import Telemetry, TelemetryError, load_pseudonym_key
 
 log = logging.getLogger("casb")
@@ -254,7 +254,9 @@ class Runtime:
             # the store's current policy (if any) is adopted before this returns
             await self.policy_distributor.start()
         if self.pipeline.audit is not None and self._checkpoints is None:
-            self._checkpoints = asyncio.create_task(_checkpoint_timer(self.pipeline))
+            self._checkpoints = asyncio.create_task(
+                _checkpoint_timer(self.pipeline), name="casb-audit-checkpoints"
+            )
         if self.forwarder is not None and not self.forwarder.running:
             self.forwarder.start()
         if self.stream is not None and not self.stream.running:
@@ -278,11 +280,8 @@ class Runtime:
     async def aclose(self) -> None:
         if self.policy_distributor is not None:
             await self.policy_distributor.aclose()
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoints
-            self._checkpoints = None
+        checkpoints, self._checkpoints = self._checkpoints, None
+        await stop_tasks((checkpoints,), "audit checkpoint timer")
         await self.pipeline.verifier.aclose()
         try:
             self.discard()

@@ -16,7 +16,6 @@ Nothing here logs: key sets are public, but error texts may carry URLs with cred
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -26,6 +25,8 @@ from typing import Any, Protocol
 
 from jwt import PyJWKClient
 from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError
+
+from casb.tasks import stop_tasks
 
 JWK = dict[str, Any]
 _Stamp = tuple[int, int, int]  # (mtime_ns, size, inode): has the file changed?
@@ -213,17 +214,14 @@ class JwksUrlSource:
             return
         await self.refresh()
         self._background = asyncio.create_task(
-            self._refresh_loop(), name=f"jwks-refresh {self.url}"
+            self._refresh_loop(),
+            name="casb-jwks-refresh",  # no URL: it may carry credentials
         )
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._background, self._inflight) if t is not None]
+        tasks = (self._background, self._inflight)
         self._background = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks, "JWKS refresh")
 
     async def get_keys(self) -> tuple[JWK, ...]:
         keys = self._set.keys
@@ -254,7 +252,7 @@ class JwksUrlSource:
         """Fetch, or join the fetch already in flight; every waiter sees its result."""
         task = self._inflight
         if task is None:
-            task = asyncio.create_task(self._fetch_once())
+            task = asyncio.create_task(self._fetch_once(), name="casb-jwks-fetch")
             self._inflight = task
         # shield: a waiter that is cancelled (client went away) must not cancel the fetch
         # the other waiters share.
@@ -348,14 +346,11 @@ class JwksFileSource:
         await self.refresh()
         if self._set.keys is None:
             raise IdentityUnavailable(f"JWKS file {self.path}: {self._set.last_error}")
-        self._background = asyncio.create_task(self._poll_loop(), name=f"jwks-file {self.path}")
+        self._background = asyncio.create_task(self._poll_loop(), name="casb-jwks-file")
 
     async def aclose(self) -> None:
         task, self._background = self._background, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks((task,), "JWKS file watch")
 
     async def get_keys(self) -> tuple[JWK, ...]:
         keys = self._set.keys

@@ -34,6 +34,7 @@ from casb.policy.bundle import compile_bundle
 from casb.policy.engine import CompiledPolicy
 from casb.policy.loader import PolicyLoadError, load_policy, policy_files, policy_version
 from casb.state.store import StateStore, StateUnavailable
+from casb.tasks import stop_tasks
 
 if TYPE_CHECKING:
     from casb.config import Settings
@@ -47,7 +48,6 @@ log = logging.getLogger("casb.policy")
 PolicySource = Literal["files", "store"]
 _T = TypeVar("_T")
 _MAX_REASON = 2000  # characters of a refusal's reasons kept in the audit record
-CLOSE_TIMEOUT = 2.0  # seconds aclose() waits for the background loops
 
 
 def _reason(exc: BaseException) -> str:
@@ -152,20 +152,7 @@ class PolicyDistributor:
         """Stop following changes. Bounded: shutdown goes on (to the audit log's final
         checkpoint) even if a loop failed to stop."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if not tasks:
-            return
-        done, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("policy distribution task failed", exc_info=task.exception())
-        if stuck:
-            log.warning(
-                "policy distribution: %s did not stop within %g s",
-                ", ".join(sorted(t.get_name() for t in stuck)),
-                CLOSE_TIMEOUT,
-            )
+        await stop_tasks(tasks, "policy distribution")
 
     async def sync(self) -> None:
         """One check of the store (and of the files when watched); swaps the policy when
