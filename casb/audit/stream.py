@@ -45,6 +45,7 @@ from typing import TypeVar
 
 from casb.audit.tail import AuditFile, BadRecord, parse_record
 from casb.state.store import StateStore, StateUnavailable, StreamEntry
+from casb.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,7 @@ class AuditStreamShipper:
         self._stop.set()
         self._wake.set()
         await asyncio.wait({task}, timeout=max(0.0, timeout))
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_tasks((task,), "audit stream")  # cancels it if still shipping
 
     # -- the shipping task ---------------------------------------------------------------
 
